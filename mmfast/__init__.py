@@ -1,0 +1,22 @@
+"""mmfast: fused GPU/CPU kernels for multimodal vision models (CLIP, SigLIP, Flamingo, SAM).
+
+Every kernel is a PyTorch operator (torch.ops.mmfast.*); the functions here check arguments,
+choose the backend (mmfast.backend) and carry autograd. The native extension mmfast._C is
+optional at import: without it a warning says why and only the reference backend runs.
+"""
+import warnings as _warnings
+
+from mmfast import backend as _backend_module
+from mmfast.backend import (BackendUnavailableError, available_backends, get_backend, set_backend,
+                            use_backend)
+
+__version__ = "0.1.0"
+
+if _backend_module._C is None:
+    _warnings.warn(f"mmfast: the native extension mmfast._C is not available ({_backend_module._C_error}); "
+                   "only backend='reference' (and Triton) will run. Build it with `make build`.", stacklevel=2)
+
+from mmfast.ops import similarity_softmax  # noqa: E402
+
+__all__ = ["similarity_softmax", "set_backend", "get_backend", "use_backend", "available_backends",
+           "BackendUnavailableError", "__version__"]

@@ -1,0 +1,138 @@
+"""Which implementation of an op runs: auto | cuda | triton | cpu | reference.
+
+Precedence: the per-call `backend=` argument, then the innermost `with mmfast.use_backend(...)`,
+then `mmfast.set_backend(...)`, then the environment variable MMFAST_BACKEND, then "auto".
+
+`auto` picks per device and op: on CPU the C++ kernel; on CUDA the fastest implementation that
+has been validated on a GPU (GPU_VALIDATED below, filled from benchmarks/gpu_check.sh runs), else
+the reference. Float64 inputs run the reference under `auto` (the kernels do fp32/fp16/bf16).
+Asking for a backend that cannot run is an error that says why — never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Implementations checked and timed on a GPU by benchmarks/gpu_check.sh, per op, fastest first.
+# `auto` on CUDA uses only these; an implementation that failed there is removed from this table.
+GPU_VALIDATED: dict[str, tuple[str, ...]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these inputs; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"mmfast: backend must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+_env_backend = os.environ.get("MMFAST_BACKEND", "auto")
+if _env_backend not in BACKEND_NAMES:
+    raise ValueError(f"mmfast: MMFAST_BACKEND must be one of {BACKEND_NAMES}, got {_env_backend!r}")
+
+_global_backend = _env_backend
+_backend_stack: list[str] = []
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend."""
+    global _global_backend
+    _global_backend = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force when no `backend=` is passed."""
+    return _backend_stack[-1] if _backend_stack else _global_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with mmfast.use_backend("reference"): ...` — a backend for a block."""
+    _backend_stack.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _backend_stack.pop()
+
+
+# ---- what this machine can run (probed once at import) ----------------------------------------
+_C = None
+_C_error: str | None = None
+try:
+    from mmfast import _C  # noqa: F811  (loads the operator registrations)
+except ImportError as e:  # the package still imports: reference backend only
+    _C_error = str(e)
+
+_triton_error: str | None = None
+try:
+    import triton  # noqa: F401
+except ImportError as e:
+    _triton_error = str(e)
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs CPU tensors; these are on {device}"
+        if _C is None:
+            return f"the extension mmfast._C failed to import ({_C_error}); build it with `make build`"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs CUDA tensors; these are on {device}"
+        if _C is None:
+            return f"the extension mmfast._C failed to import ({_C_error}); build it with `make build`"
+        if not _C.cuda_compiled:
+            return "mmfast._C was built without CUDA (MMFAST_SKIP_CUDA=1, or no nvcc at build time)"
+        return None
+    if name == "triton":
+        if _triton_error is not None:
+            return f"triton is not importable ({_triton_error})"
+        if device.type == "cpu" and not TRITON_INTERPRET:
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device}"
+        return None
+    raise ValueError(f"mmfast: unknown backend {name!r}")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The concrete backends that can run on `device` in this process."""
+    device = torch.device(device)
+    return [n for n in ("cuda", "triton", "cpu", "reference") if _why_unavailable(n, device) is None]
+
+
+def resolve(op: str, implementations: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+            requested: str | None = None) -> str:
+    """The concrete backend that runs `op` (whose implementations are `implementations`)."""
+    name = _check_name(requested) if requested is not None else get_backend()
+    if name == "auto":
+        if dtype not in KERNEL_DTYPES:
+            return "reference"
+        if device.type == "cpu":
+            return "cpu" if "cpu" in implementations and _why_unavailable("cpu", device) is None else "reference"
+        for candidate in GPU_VALIDATED.get(op, ()):
+            if candidate in implementations and _why_unavailable(candidate, device) is None:
+                return candidate
+        return "reference"
+    if name not in implementations:
+        raise BackendUnavailableError(f"mmfast: op {op!r} has no {name!r} implementation (it has {implementations})")
+    why = _why_unavailable(name, device)
+    if why is not None:
+        raise BackendUnavailableError(f"mmfast: backend {name!r} cannot run {op!r}: {why}")
+    if name != "reference" and dtype not in KERNEL_DTYPES:
+        raise BackendUnavailableError(
+            f"mmfast: backend {name!r} runs float32, float16 and bfloat16; got {dtype} (use backend='reference')")
+    return name

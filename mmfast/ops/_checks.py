@@ -1,0 +1,57 @@
+"""Argument checks shared by every functional op: each error names the user's argument."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, x, ndim: int | tuple[int, ...]) -> torch.Tensor:
+    """A non-empty floating tensor of the given rank."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mmfast: {name} must be a torch.Tensor, got {type(x).__name__}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if x.dim() not in ndims:
+        want = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"mmfast: {name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"mmfast: {name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"mmfast: {name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_device_dtype(names: tuple[str, ...], *xs: torch.Tensor) -> None:
+    first_name, first = names[0], xs[0]
+    for name, x in zip(names[1:], xs[1:]):
+        if x.device != first.device:
+            raise ValueError(f"mmfast: {name} is on {x.device} but {first_name} is on {first.device}")
+        if x.dtype != first.dtype:
+            raise TypeError(f"mmfast: {name} is {x.dtype} but {first_name} is {first.dtype}; pass one dtype")
+
+
+def check_dim_match(name_a: str, a: torch.Tensor, dim_a: int, name_b: str, b: torch.Tensor, dim_b: int, what: str) -> None:
+    if a.shape[dim_a] != b.shape[dim_b]:
+        raise ValueError(f"mmfast: {what} mismatch: {name_a} has {a.shape[dim_a]} (shape {tuple(a.shape)}) "
+                         f"but {name_b} has {b.shape[dim_b]} (shape {tuple(b.shape)})")
+
+
+def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A Python number, 0-dim or shape-[1] tensor as a 0-dim fp32 tensor on like's device.
+
+    Gradients flow back to a tensor argument through the reshape/cast (autograd views)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"mmfast: {name} must be a float, a 0-dim or a shape-[1] tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"mmfast: {name} must be a floating tensor, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"mmfast: {name} is on {value.device} but the features are on {like.device}")
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return value.reshape(()).to(dtype)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.full((), float(value), dtype=dtype, device=like.device)
+    raise TypeError(f"mmfast: {name} must be a float or a tensor, got {type(value).__name__}")

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references, one file per op family, mirroring the upstream math line by line."""
