@@ -1,0 +1,4 @@
+"""Drop-in torch.nn modules whose constructors, forward signatures and state_dict keys match upstream."""
+from mmfast.nn.similarity_softmax import SimilaritySoftmax, ZeroShotClassifier
+
+__all__ = ["SimilaritySoftmax", "ZeroShotClassifier"]
