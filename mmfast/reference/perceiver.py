@@ -81,21 +81,22 @@ def _run_layers(layers, x, latents):
     return latents
 
 
-def _perceiver_layers(depth, dim, dim_head, heads, ff_mult):
+def _perceiver_layers(depth, dim, dim_head, heads, ff_mult, attention_cls):
     return nn.ModuleList(
-        nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), FeedForward(dim, mult=ff_mult)])
+        nn.ModuleList([attention_cls(dim=dim, dim_head=dim_head, heads=heads), FeedForward(dim, mult=ff_mult)])
         for _ in range(depth))
 
 
 class PerceiverResampler(nn.Module):
     """flamingo-pytorch 0.1.2. forward(x [b, n, D] or [b, t, n, D]) -> [b, t, num_latents, D]
     (t = 1 for a 3-D x). Parameters: latents [m, D], media_pos_emb [num_media_embeds, 1, D]."""
+    attention_cls = PerceiverAttention  # mmfast.nn swaps in its fused attention, nothing else changes
 
     def __init__(self, *, dim, depth, dim_head=64, heads=8, num_latents=64, num_media_embeds=4, ff_mult=4):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.media_pos_emb = nn.Parameter(torch.randn(num_media_embeds, 1, dim))
-        self.layers = _perceiver_layers(depth, dim, dim_head, heads, ff_mult)
+        self.layers = _perceiver_layers(depth, dim, dim_head, heads, ff_mult, self.attention_cls)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
@@ -111,6 +112,7 @@ class OpenFlamingoPerceiverResampler(nn.Module):
     """open_flamingo 2.0.1 `PerceiverResampler`. forward(x [b, T, F, v, D]) -> [b, T, num_latents, D]:
     frame_embs[:F] (if max_num_frames) is added per frame, frames and patches are flattened into
     F*v media tokens, media_time_embs[:T] (if max_num_media) is added per media item."""
+    attention_cls = PerceiverAttention
 
     def __init__(self, *, dim, depth=6, dim_head=64, heads=8, num_latents=64, max_num_media=None,
                  max_num_frames=None, ff_mult=4):
@@ -119,7 +121,7 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames is not None else None
         self.media_time_embs = (nn.Parameter(torch.randn(max_num_media, 1, dim))
                                 if max_num_media is not None else None)
-        self.layers = _perceiver_layers(depth, dim, dim_head, heads, ff_mult)
+        self.layers = _perceiver_layers(depth, dim, dim_head, heads, ff_mult, self.attention_cls)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
