@@ -31,7 +31,9 @@ def _fake_forward(image, text, logit_scale, logit_bias, normalize, activation):
 
 
 def _fake_backward(grad_out, out, image, text, inv_norm_image, inv_norm_text, logit_scale, normalize, activation):
-    return (torch.empty_like(image), torch.empty_like(text),
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(image, memory_format=contiguous), torch.empty_like(text, memory_format=contiguous),
             image.new_empty((), dtype=torch.float32), image.new_empty((), dtype=torch.float32))
 
 

@@ -1,0 +1,677 @@
+// CUDA kernels of mmfast::similarity_softmax / similarity_topk (+ backward) and their launchers.
+// The GEMMs run in cuBLAS (at::mm in similarity_softmax_api.cpp); these kernels do everything
+// around them in as few passes over the N x C matrix as the math allows:
+//
+//   forward   normalize_rows (x = image / ||image||, y likewise, inverse norms)  -> cuBLAS x @ y^T
+//             into the output -> similarity_epilogue: ONE read + ONE write of the output
+//             (eager reads/writes it again for `* scale`, `+ bias` and the softmax).
+//   backward  activation_backward (ds, one pass; the row's g and p cached in shared memory for the
+//             softmax's second sweep) -> cuBLAS ds @ y, ds^T @ x (fp32 out) -> normalize_backward
+//             (grad through the normalization + per-row grad_scale partials) -> sum_pair.
+//   top-k     per class chunk: cuBLAS x @ y_chunk^T (fp32 scratch [N, chunk]) -> topk_merge_chunk
+//             (online log-sum-exp + running sorted top-k per row) ... -> topk_finalize.
+//             Backward recomputes the chunk's logits the same way -> topk_backward_tile -> the
+//             two GEMMs per chunk -> the same normalize_backward / sum_pair.
+//
+// Why the GEMM multiplies normalized copies, not raw features: raw fp16 dot products overflow
+// (|a| |b| > 65504, e.g. two rows of norm 256) or lose precision in fp16 subnormals (norms ~1e-3),
+// where cos in [-1, 1] cannot. Writing the copies costs one pass over the (N + C) x D inputs
+// (estimated from the bytes moved: ~80 MB, ~25 us at N=4096, C=21843, D=768 fp16, under 10% of
+// the op), and the same copies are the operands the backward GEMMs need anyway. The epilogue then
+// only applies scale and bias.
+//
+// Determinism: no floating-point atomics anywhere; every reduction is a fixed tree per block, and
+// cross-block sums go through per-row partials and one fixed-order sum_pair block.
+#include "mmfast/cuda_utils.cuh"
+#include "mmfast/similarity_softmax_cuda.h"
+
+#include <algorithm>
+#include <atomic>
+
+namespace mmfast::cuda {
+namespace {
+
+// ---- dtype dispatch ---------------------------------------------------------------------------
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Opt-in shared-memory limit per block of the current device (cached: the query is a driver call).
+int64_t max_dynamic_smem() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 48 * 1024;
+    }
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// Grid size from a count the glue has bounded (rows < 2^31, see similarity_softmax_api.cpp).
+inline unsigned grid(int64_t n) { return static_cast<unsigned>(n); }
+
+// Dynamic shared memory above the default 48 KB needs the kernel's opt-in first.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Bytes that cache `cols` elements of T with the pad that aligns the body (see cached_row).
+template <typename T>
+__host__ __device__ int64_t row_cache_bytes(int64_t cols) {
+  return ((cols + kVec<T>) * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
+}
+
+// The shared-memory copy of a row: element j at cached + j, where the pad puts the row's 16-byte
+// aligned body vectors on 16-byte boundaries of shared memory (the row itself starts anywhere).
+template <typename T>
+__device__ __forceinline__ T* cached_row(unsigned char* base, RowSplit sp) {
+  constexpr int V = kVec<T>;
+  return reinterpret_cast<T*>(base) + (V - sp.head % V) % V;
+}
+
+// ================================ forward ======================================================
+
+// One warp per row: two sweeps over a D-long row (sum of squares, then the scaled copy); the
+// second re-reads from L1/L2 (rows are a few KB). __fsqrt_rn/__frcp_rn keep the norm IEEE-exact
+// under --use_fast_math, so inv matches F.normalize's 1 / max(||row||, eps) to rounding.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    normalize_rows_kernel(const T* __restrict__ src, int64_t rows, int64_t dim, float* __restrict__ inv,
+                          bool compute_inv, float eps, T* __restrict__ dst) {
+  constexpr int V = kVec<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;  // a whole warp leaves together; no block-wide barrier follows
+  const T* a = src + r * dim;
+  const RowSplit sp = split_row(a, dim);
+  auto load = [&](int64_t j, auto w) { return load_raw<decltype(w)::value>(a + j); };
+
+  float s;
+  if (compute_inv) {
+    float ss = 0.f;
+    for_each_chunk<V>(sp, dim, lane, 32, load, [&](int64_t, const auto& f, auto w) {
+#pragma unroll
+      for (int i = 0; i < decltype(w)::value; ++i) ss = fmaf(f.f(i), f.f(i), ss);
+    });
+    ss = warp_sum(ss);
+    s = __frcp_rn(fmaxf(__fsqrt_rn(ss), eps));
+    if (lane == 0) inv[r] = s;
+  } else {
+    s = inv[r];
+  }
+  if (dst == nullptr) return;
+  T* x = dst + r * dim;
+  for_each_chunk<V>(sp, dim, lane, 32, load, [&](int64_t j, const auto& f, auto w) {
+    constexpr int W = decltype(w)::value;
+    float o[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) o[i] = f.f(i) * s;
+    store_f32<W>(x + j, o);
+  });
+}
+
+// Softmax epilogue, one block per row, in place. Sweep 1 reads the dot products d (16-byte loads,
+// 4 in flight per thread), forms l = scale * d + bias, keeps a per-thread online (max, sum-exp) and,
+// when the row fits (use_cache), copies the raw row into shared memory; one block merge gives the
+// row's (max, sum). Sweep 2 re-reads the row from shared memory (or from L2 when it did not fit)
+// and writes exp(l - max) / sum over it. HBM traffic: one read + one write of the row, the floor.
+template <typename T>
+__global__ void __launch_bounds__(512)
+    softmax_rows_kernel(T* __restrict__ out, int64_t cols, const float* __restrict__ scale_p,
+                        const float* __restrict__ bias_p, bool use_cache) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[66];
+  constexpr int V = kVec<T>;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  T* row = out + static_cast<int64_t>(blockIdx.x) * cols;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  const RowSplit sp = split_row(row, cols);
+  T* cache = cached_row<T>(smem, sp);
+
+  SoftmaxState st = empty_softmax_state();
+  for_each_chunk<V>(
+      sp, cols, tid, nthreads, [&](int64_t j, auto w) { return load_raw<decltype(w)::value>(row + j); },
+      [&](int64_t j, const auto& f, auto w) {
+        constexpr int W = decltype(w)::value;
+        if (use_cache) store_raw<W>(cache + j, f);
+        float l[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) l[i] = fmaf(scale, f.f(i), bias);
+        softmax_add(st, l);
+      });
+  st = block_reduce(st, red);
+  const float m = st.max;
+  const float inv_s = __frcp_rn(st.sum);  // sum >= 1 when the row has a finite logit
+
+  // Each thread re-reads only the chunks it cached itself, so no barrier is needed in between
+  // (block_reduce has them anyway).
+  auto sweep2 = [&](const T* src) {
+    for_each_chunk<V>(
+        sp, cols, tid, nthreads, [&](int64_t j, auto w) { return load_raw<decltype(w)::value>(src + j); },
+        [&](int64_t j, const auto& f, auto w) {
+          constexpr int W = decltype(w)::value;
+          float o[W];
+#pragma unroll
+          for (int i = 0; i < W; ++i) o[i] = fast_exp(fmaf(scale, f.f(i), bias) - m) * inv_s;
+          store_f32<W>(row + j, o);
+        });
+  };
+  if (use_cache) {
+    sweep2(cache);
+  } else {
+    sweep2(row);
+  }
+}
+
+// sigmoid / identity epilogue: elementwise over the whole [rows, cols] buffer (no row structure
+// needed), grid-stride with 16-byte accesses.
+template <typename T, Act A>
+__global__ void __launch_bounds__(256)
+    pointwise_epilogue_kernel(T* __restrict__ out, int64_t n, const float* __restrict__ scale_p,
+                              const float* __restrict__ bias_p) {
+  constexpr int V = kVec<T>;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  const int tid = blockIdx.x * blockDim.x + threadIdx.x, nthreads = gridDim.x * blockDim.x;
+  const RowSplit sp = split_row(out, n);
+  for_each_chunk<V, 2>(
+      sp, n, tid, nthreads, [&](int64_t j, auto w) { return load_raw<decltype(w)::value>(out + j); },
+      [&](int64_t j, const auto& f, auto w) {
+        constexpr int W = decltype(w)::value;
+        float o[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const float l = fmaf(scale, f.f(i), bias);
+          // __frcp_rn(inf) = 0: very negative logits give 0, not NaN.
+          o[i] = A == Act::kSigmoid ? __frcp_rn(1.f + fast_exp(-l)) : l;
+        }
+        store_f32<W>(out + j, o);
+      });
+}
+
+// ================================ backward =====================================================
+
+// ds = dL/dlogits for one row per block, plus the row's sum of ds (grad_logit_bias partial).
+// softmax: sweep 1 r = sum g * p (caching g and p in shared memory when they fit), sweep 2
+// ds = p * (g - r). sigmoid: one sweep, ds = g * p * (1 - p). none: ds is g itself; only the sum.
+template <typename T, Act A>
+__global__ void __launch_bounds__(512)
+    activation_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, T* __restrict__ ds,
+                               int64_t cols, float* __restrict__ row_sum_ds, bool use_cache) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[33];
+  constexpr int V = kVec<T>;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t offset = static_cast<int64_t>(blockIdx.x) * cols;
+  const T* g = grad_out + offset;
+  const T* p = A == Act::kNone ? nullptr : out + offset;  // kNone: out and ds are null
+  T* d = A == Act::kNone ? nullptr : ds + offset;
+  const RowSplit sp = split_row(g, cols);  // g, p, ds share it: same dtype, cols, aligned bases
+
+  float sum_ds = 0.f;
+  if constexpr (A == Act::kSoftmax) {
+    T* cache_g = cached_row<T>(smem, sp);
+    T* cache_p = cached_row<T>(smem + row_cache_bytes<T>(cols), sp);
+    float r = 0.f;
+    for_each_chunk<V>(
+        sp, cols, tid, nthreads,
+        [&](int64_t j, auto w) {
+          constexpr int W = decltype(w)::value;
+          return Two<Raw<T, W>, Raw<T, W>>{load_raw<W>(g + j), load_raw<W>(p + j)};
+        },
+        [&](int64_t j, const auto& f, auto w) {
+          constexpr int W = decltype(w)::value;
+          if (use_cache) {
+            store_raw<W>(cache_g + j, f.a);
+            store_raw<W>(cache_p + j, f.b);
+          }
+#pragma unroll
+          for (int i = 0; i < W; ++i) r = fmaf(f.a.f(i), f.b.f(i), r);
+        });
+    r = block_sum(r, red);
+    auto sweep2 = [&](const T* gs, const T* ps) {
+      for_each_chunk<V>(
+          sp, cols, tid, nthreads,
+          [&](int64_t j, auto w) {
+            constexpr int W = decltype(w)::value;
+            return Two<Raw<T, W>, Raw<T, W>>{load_raw<W>(gs + j), load_raw<W>(ps + j)};
+          },
+          [&](int64_t j, const auto& f, auto w) {
+            constexpr int W = decltype(w)::value;
+            float o[W];
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+              o[i] = f.b.f(i) * (f.a.f(i) - r);
+              sum_ds += o[i];
+            }
+            store_f32<W>(d + j, o);
+          });
+    };
+    if (use_cache) {
+      sweep2(cache_g, cache_p);
+    } else {
+      sweep2(g, p);
+    }
+  } else if constexpr (A == Act::kSigmoid) {
+    // U = 2: two arrays, so still four 16-byte loads in flight; U = 4 made ptxas spill 8 bytes
+    // (fp16, sm_90a) for no gain.
+    for_each_chunk<V, 2>(
+        sp, cols, tid, nthreads,
+        [&](int64_t j, auto w) {
+          constexpr int W = decltype(w)::value;
+          return Two<Raw<T, W>, Raw<T, W>>{load_raw<W>(g + j), load_raw<W>(p + j)};
+        },
+        [&](int64_t j, const auto& f, auto w) {
+          constexpr int W = decltype(w)::value;
+          float o[W];
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            const float pv = f.b.f(i);
+            o[i] = f.a.f(i) * pv * (1.f - pv);
+            sum_ds += o[i];
+          }
+          store_f32<W>(d + j, o);
+        });
+  } else {
+    for_each_chunk<V>(
+        sp, cols, tid, nthreads, [&](int64_t j, auto w) { return load_raw<decltype(w)::value>(g + j); },
+        [&](int64_t, const auto& f, auto w) {
+#pragma unroll
+          for (int i = 0; i < decltype(w)::value; ++i) sum_ds += f.f(i);
+        });
+  }
+  sum_ds = block_sum(sum_ds, red);
+  if (tid == 0) row_sum_ds[blockIdx.x] = sum_ds;
+}
+
+// Gradient through s = scale * normalize(a) . (other side), one warp per D-long row:
+// grad_a = scale * inv * (g - [||a|| >= eps] * x * (x . g)) with x = a * inv recomputed in fp32
+// from the raw row (more precise than the rounded copy the GEMM used). Scalar coalesced accesses:
+// g is fp32 and a is T, so their 16-byte vectors differ in length; this pass moves (N + C) x D
+// elements, small next to the N x C passes.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    normalize_backward_kernel(const float* __restrict__ grad_unit, const T* __restrict__ src,
+                              const float* __restrict__ inv, int64_t rows, int64_t dim,
+                              const float* __restrict__ scale_p, bool normalize, float eps,
+                              T* __restrict__ grad_src, float* __restrict__ row_dot) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const float* g = grad_unit + r * dim;
+  const T* a = src + r * dim;
+  T* o = grad_src + r * dim;
+  const float iv = normalize ? inv[r] : 1.f;
+  float dot = 0.f, ss = 0.f;
+#pragma unroll 4
+  for (int64_t k = lane; k < dim; k += 32) {
+    const float av = to_float(a[k]);
+    dot = fmaf(av * iv, g[k], dot);
+    ss = fmaf(av, av, ss);
+  }
+  dot = warp_sum(dot);
+  ss = warp_sum(ss);
+  if (row_dot != nullptr && lane == 0) row_dot[r] = dot;
+  // F.normalize divides by clamp_min(norm, eps): the norm's gradient flows only where norm >= eps.
+  const float proj = (normalize && __fsqrt_rn(ss) >= eps) ? dot : 0.f;
+  const float c = *scale_p * iv;
+#pragma unroll 4
+  for (int64_t k = lane; k < dim; k += 32) {
+    const float x = to_float(a[k]) * iv;
+    o[k] = from_float<T>(c * (g[k] - x * proj));
+  }
+}
+
+__global__ void __launch_bounds__(1024)
+    sum_pair_kernel(const float* __restrict__ a, int64_t na, const float* __restrict__ b, int64_t nb,
+                    float* __restrict__ out_a, float* __restrict__ out_b) {
+  __shared__ float red[33];
+  float sa = 0.f, sb = 0.f;
+  for (int64_t i = threadIdx.x; i < na; i += blockDim.x) sa += a[i];
+  for (int64_t i = threadIdx.x; i < nb; i += blockDim.x) sb += b[i];
+  sa = block_sum(sa, red);
+  sb = block_sum(sb, red);
+  if (threadIdx.x == 0) {
+    *out_a = sa;
+    *out_b = sb;
+  }
+}
+
+// ================================ top-k ========================================================
+
+// A (logit, class) pair as one uint64 whose unsigned order is the top-k order: higher logit first,
+// then lower class index (ties resolve deterministically), NaN above everything (as torch.topk
+// ranks it). High word: the float's bits made monotone (negative: flip all; positive: set the
+// sign bit), NaN -> all ones, -0 -> +0. Low word: ~class. Every real key is > 0, so 0 pads.
+__device__ __forceinline__ uint64_t topk_key(float l, uint32_t cls) {
+  uint32_t ord;
+  if (l != l) {
+    ord = 0xffffffffu;
+  } else {
+    const uint32_t u = l == 0.f ? 0u : __float_as_uint(l);
+    ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (static_cast<uint64_t>(ord) << 32) | static_cast<uint64_t>(0xffffffffu - cls);
+}
+
+__device__ __forceinline__ float key_logit(uint64_t key) {
+  const uint32_t ord = static_cast<uint32_t>(key >> 32);
+  if (ord == 0xffffffffu) return __uint_as_float(0x7fc00000u);  // NaN
+  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
+}
+
+__device__ __forceinline__ int64_t key_class(uint64_t key) {
+  return static_cast<int64_t>(0xffffffffu - static_cast<uint32_t>(key));
+}
+
+// Sort buf[0, p) descending, p a power of two <= kSortCap; ends with a barrier.
+__device__ void bitonic_sort_desc(uint64_t* buf, int p, int tid, int nthreads) {
+  for (int size = 2; size <= p; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = tid; i < (p >> 1); i += nthreads) {
+        const int lo = ((i & ~(stride - 1)) << 1) | (i & (stride - 1));  // i with a 0 inserted at bit `stride`
+        const int hi = lo + stride;
+        const bool desc = (lo & size) == 0;  // the last stage (size == p) sorts all of it descending
+        const uint64_t x = buf[lo], y = buf[hi];
+        if ((x < y) == desc) {
+          buf[lo] = y;
+          buf[hi] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+constexpr int kSortCap = 2048;     // candidates sorted at once: 16 KB of shared memory
+constexpr int kTopkThreads = 256;
+
+// One block per row merges a chunk of dot products into the row's running top-k and online
+// softmax state. The sorted list of the best min(k, c0) keys so far sits in shared memory; the
+// chunk is scanned in sub-tiles of (kSortCap - k) classes: every logit feeds the online
+// (max, sum-exp), and only keys above the current k-th best (tau) join a candidate buffer behind the
+// list, which is then bitonic-sorted with it (size: the next power of two of list + candidates).
+// After the first sub-tile tau is high and few candidates appear (about k * width / classes seen
+// for random order), so most sub-tiles are a plain scan. A class enters only with a strictly
+// greater key, and new classes have higher indices: ties keep the lower index, as the key says.
+__global__ void __launch_bounds__(kTopkThreads)
+    topk_merge_chunk_kernel(const float* __restrict__ dots, int64_t width, int64_t c0,
+                            const float* __restrict__ scale_p, const float* __restrict__ bias_p, int k,
+                            uint64_t* __restrict__ keys, float* __restrict__ row_max, float* __restrict__ row_sum) {
+  __shared__ uint64_t buf[kSortCap];
+  __shared__ float red[66];
+  __shared__ int n_new;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const float* d = dots + row * width;
+  uint64_t* list = keys + row * k;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+
+  int listed = static_cast<int>(c0 < k ? c0 : k);  // the list holds the best min(k, c0) of [0, c0)
+  for (int i = tid; i < listed; i += nthreads) buf[i] = list[i];
+  const int64_t sub_width = kSortCap - k;  // listed + candidates <= kSortCap
+
+  SoftmaxState st = empty_softmax_state();
+  for (int64_t s0 = 0; s0 < width; s0 += sub_width) {
+    const int64_t s1 = s0 + sub_width < width ? s0 + sub_width : width;
+    __syncthreads();  // the list in buf is complete; last sub-tile's readers of n_new are done
+    const uint64_t tau = listed == k ? buf[k - 1] : 0ull;
+    if (tid == 0) n_new = 0;
+    __syncthreads();
+    for (int64_t j = s0 + tid; j < s1; j += nthreads) {
+      const float l[1] = {fmaf(scale, d[j], bias)};
+      softmax_add(st, l);
+      const uint64_t key = topk_key(l[0], static_cast<uint32_t>(c0 + j));
+      if (key > tau) buf[listed + atomicAdd(&n_new, 1)] = key;  // integer atomic: a slot, not a sum
+    }
+    __syncthreads();
+    const int total = listed + n_new;
+    if (total > listed) {  // block-uniform: every thread read the same n_new after the barrier
+      int p = 1;
+      while (p < total) p <<= 1;
+      for (int i = total + tid; i < p; i += nthreads) buf[i] = 0ull;
+      __syncthreads();
+      bitonic_sort_desc(buf, p, tid, nthreads);
+      listed = total < k ? total : k;
+    }
+  }
+
+  st = block_reduce(st, red);
+  if (tid == 0) {
+    if (c0 > 0) st = softmax_merge(SoftmaxState{row_max[row], row_sum[row]}, st);
+    row_max[row] = st.max;
+    row_sum[row] = st.sum;
+  }
+  for (int i = tid; i < listed; i += nthreads) list[i] = buf[i];
+}
+
+// One thread per (row, rank): decode the sorted keys and apply the activation.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    topk_finalize_kernel(const uint64_t* __restrict__ keys, const float* __restrict__ row_max,
+                         const float* __restrict__ row_sum, int64_t rows, int k, Act act, T* __restrict__ values,
+                         int64_t* __restrict__ indices, float* __restrict__ row_lse) {
+  const int64_t total = rows * k;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / k;
+    const uint64_t key = keys[i];
+    const float l = key_logit(key);
+    const float m = row_max[r], s = row_sum[r];
+    float v;
+    if (act == Act::kSoftmax) {
+      v = fast_exp(l - m) * __frcp_rn(s);
+    } else if (act == Act::kSigmoid) {
+      v = __frcp_rn(1.f + fast_exp(-l));
+    } else {
+      v = l;
+    }
+    values[i] = from_float<T>(v);
+    indices[i] = key_class(key);
+    // As the CPU kernel: row_lse is the softmax's log-sum-exp, 0 for sigmoid / none (unused there).
+    if (i - r * k == 0) row_lse[r] = act == Act::kSoftmax ? online_softmax::log_sum_exp(SoftmaxState{m, s}) : 0.f;
+  }
+}
+
+// ds of one class chunk for one row per block (see the header). The row's top-k classes inside the
+// chunk are marked in a shared slot table (class -> rank), so the sweep over the chunk is one
+// coalesced pass with no search; ranks come from `indices`, which similarity_topk makes distinct.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    topk_backward_tile_kernel(const float* __restrict__ dots, int64_t width, int64_t c0,
+                              const float* __restrict__ scale_p, const float* __restrict__ bias_p,
+                              const float* __restrict__ row_lse, const int64_t* __restrict__ indices,
+                              const T* __restrict__ values, const T* __restrict__ grad_values, int k, Act act,
+                              T* __restrict__ ds_tile, float* __restrict__ row_sum_ds, bool first) {
+  __shared__ short slot[kMaxChunk];
+  __shared__ float term[kMaxTopK];
+  __shared__ float red[33];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const int64_t* idx = indices + row * k;
+  const T* v = values + row * k;
+  const T* g = grad_values + row * k;
+
+  for (int64_t j = tid; j < width; j += nthreads) slot[j] = -1;
+  float r = 0.f;  // softmax: sum_t g_t p_t over the top-k (p = the saved values, as autograd would use)
+  if (act == Act::kSoftmax) {
+    float part = 0.f;
+    for (int t = tid; t < k; t += nthreads) part = fmaf(to_float(g[t]), to_float(v[t]), part);
+    r = block_sum(part, red);
+  }
+  __syncthreads();  // slot initialised before ranks are written into it
+  for (int t = tid; t < k; t += nthreads) {
+    const float gt = to_float(g[t]), vt = to_float(v[t]);
+    term[t] = act == Act::kSoftmax ? vt * (gt - r) : act == Act::kSigmoid ? gt * vt * (1.f - vt) : gt;
+    const int64_t c = idx[t] - c0;
+    if (c >= 0 && c < width) slot[c] = static_cast<short>(t);
+  }
+  __syncthreads();
+
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  const float lse = row_lse[row];
+  const float* dr = dots != nullptr ? dots + row * width : nullptr;
+  T* out = ds_tile + row * width;
+  float sum = 0.f;
+  for (int64_t j = tid; j < width; j += nthreads) {
+    const int t = slot[j];
+    float val = 0.f;
+    if (t >= 0) {
+      val = term[t];
+    } else if (act == Act::kSoftmax) {
+      val = -fast_exp(fmaf(scale, dr[j], bias) - lse) * r;  // p_j * (0 - r)
+    }
+    out[j] = from_float<T>(val);
+    sum += val;
+  }
+  sum = block_sum(sum, red);
+  if (tid == 0) row_sum_ds[row] = (first ? 0.f : row_sum_ds[row]) + sum;
+}
+
+}  // namespace
+
+// ================================ launchers ====================================================
+
+cudaError_t normalize_rows(DType dtype, const void* src, int64_t rows, int64_t dim, float* inv, bool compute_inv,
+                           float eps, void* dst, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  constexpr int kWarps = 8;
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    normalize_rows_kernel<T><<<grid(blocks), kWarps * 32, 0, stream>>>(static_cast<const T*>(src), rows, dim, inv,
+                                                                       compute_inv, eps, static_cast<T*>(dst));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t similarity_epilogue(DType dtype, void* out, int64_t rows, int64_t cols, const float* scale,
+                                const float* bias, Act act, int64_t max_cache_bytes, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (act == Act::kSoftmax) {
+      const int threads = row_block_threads(cols, kVec<T>, 512);
+      const int64_t bytes = row_cache_bytes<T>(cols);
+      const bool use_cache = bytes <= std::min(max_cache_bytes, max_dynamic_smem() - 1024);
+      const int64_t smem = use_cache ? bytes : 0;
+      if (cudaError_t e = allow_smem(softmax_rows_kernel<T>, smem); e != cudaSuccess) return e;
+      softmax_rows_kernel<T><<<grid(rows), threads, smem, stream>>>(static_cast<T*>(out), cols, scale, bias,
+                                                                     use_cache);
+    } else {
+      const int64_t n = rows * cols;
+      const int64_t blocks = std::min<int64_t>((n / kVec<T> + 255) / 256 + 1, 16384);
+      auto kernel = act == Act::kSigmoid ? pointwise_epilogue_kernel<T, Act::kSigmoid>
+                                         : pointwise_epilogue_kernel<T, Act::kNone>;
+      kernel<<<grid(blocks), 256, 0, stream>>>(static_cast<T*>(out), n, scale, bias);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t activation_backward(DType dtype, const void* grad_out, const void* out, void* ds, int64_t rows,
+                                int64_t cols, Act act, float* row_sum_ds, int64_t max_cache_bytes,
+                                cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int threads = row_block_threads(cols, kVec<T>, 512);
+    const auto* g = static_cast<const T*>(grad_out);
+    const auto* p = static_cast<const T*>(out);
+    auto* d = static_cast<T*>(ds);
+    if (act == Act::kSoftmax) {
+      const int64_t bytes = 2 * row_cache_bytes<T>(cols);
+      const bool use_cache = bytes <= std::min(max_cache_bytes, max_dynamic_smem() - 1024);
+      const int64_t smem = use_cache ? bytes : 0;
+      auto kernel = activation_backward_kernel<T, Act::kSoftmax>;
+      if (cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+      kernel<<<grid(rows), threads, smem, stream>>>(g, p, d, cols, row_sum_ds, use_cache);
+    } else {
+      auto kernel = act == Act::kSigmoid ? activation_backward_kernel<T, Act::kSigmoid>
+                                         : activation_backward_kernel<T, Act::kNone>;
+      kernel<<<grid(rows), threads, 0, stream>>>(g, p, d, cols, row_sum_ds, false);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t normalize_backward(DType dtype, const float* grad_unit, const void* src, const float* inv, int64_t rows,
+                               int64_t dim, const float* scale, bool normalize, float eps, void* grad_src,
+                               float* row_dot, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  constexpr int kWarps = 8;
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    normalize_backward_kernel<T><<<grid(blocks), kWarps * 32, 0, stream>>>(
+        grad_unit, static_cast<const T*>(src), inv, rows, dim, scale, normalize, eps, static_cast<T*>(grad_src),
+        row_dot);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sum_pair(const float* a, int64_t na, const float* b, int64_t nb, float* out_a, float* out_b,
+                     cudaStream_t stream) {
+  sum_pair_kernel<<<1, 1024, 0, stream>>>(a, na, b, nb, out_a, out_b);
+  return cudaGetLastError();
+}
+
+cudaError_t topk_merge_chunk(const float* dots, int64_t rows, int64_t width, int64_t c0, const float* scale,
+                             const float* bias, int k, uint64_t* keys, float* row_max, float* row_sum,
+                             cudaStream_t stream) {
+  if (k < 1 || k > kMaxTopK || c0 < 0 || c0 + width > 0xffffffffll) return cudaErrorInvalidValue;
+  if (rows == 0 || width == 0) return cudaSuccess;
+  topk_merge_chunk_kernel<<<grid(rows), kTopkThreads, 0, stream>>>(dots, width, c0, scale, bias, k, keys, row_max,
+                                                                    row_sum);
+  return cudaGetLastError();
+}
+
+cudaError_t topk_finalize(DType dtype, const uint64_t* keys, const float* row_max, const float* row_sum, int64_t rows,
+                          int k, Act act, void* values, int64_t* indices, float* row_lse, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((rows * k + 255) / 256, 65535);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    topk_finalize_kernel<T><<<grid(blocks), 256, 0, stream>>>(keys, row_max, row_sum, rows, k, act,
+                                                              static_cast<T*>(values), indices, row_lse);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t topk_backward_tile(DType dtype, const float* dots, int64_t rows, int64_t width, int64_t c0,
+                               const float* scale, const float* bias, const float* row_lse, const int64_t* indices,
+                               const void* values, const void* grad_values, int k, Act act, void* ds_tile,
+                               float* row_sum_ds, bool first, cudaStream_t stream) {
+  if (k < 1 || k > kMaxTopK || width > kMaxChunk || (act == Act::kSoftmax && dots == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || width == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    topk_backward_tile_kernel<T><<<grid(rows), 256, 0, stream>>>(
+        dots, width, c0, scale, bias, row_lse, indices, static_cast<const T*>(values),
+        static_cast<const T*>(grad_values), k, act, static_cast<T*>(ds_tile), row_sum_ds, first);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace mmfast::cuda
