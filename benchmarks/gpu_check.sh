@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_check.sh OUTDIR — the GPU check of mmfast, on an H100/H200 machine with no network.
+#
+# Expects python3 (3.12) with torch (CUDA build), triton, pybind11, ninja, pytest and pytest-benchmark
+# already installed, and nvcc; installs nothing, uses no venv (PYTHON=... to override python3).
+# Run from anywhere; it works in the source tree it sits in. Stages, each bounded by `timeout`; a
+# failing stage is logged and the next one runs; the whole stays inside GPU_CHECK_SECONDS (470):
+#   1. nvidia-smi                                               -> gpu_check.log
+#   2. build mmfast._C in place for sm_90a                      -> gpu_check.log
+#   3. python3 -m mmfast info                                   -> gpu_check.log
+#   4. pytest tests -k cuda (CUDA and Triton params, real GPU)  -> pytest.log
+#   5. compute-sanitizer memcheck of each CUDA op, tiny shapes  -> sanitizer.log
+#   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s        -> ceilings.txt
+#   7. python3 -m mmfast bench --quick --device cuda            -> bench.log, RESULTS.md,
+#                                                                  results/<gpu>/<op>.csv and .png
+# That is 8 files (the device runner brings back at most 8); with a second op benchmarked, pass
+# BENCH_ARGS="--op <name>" to stay within it. The stage statuses end gpu_check.log and the output.
+set -u
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # mmfast from this tree, also for scripts run from $TMP
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # torch's guess from a wrapper nvcc can be wrong (DESIGN.md 8)
+export PATH="$CUDA_HOME/bin:$PATH"
+unset TRITON_INTERPRET  # Triton runs for real here
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-470} ))
+BENCH_RESERVE=150  # seconds kept for the last stage, the benchmark, whatever came before
+STATUS=()
+
+# stage NAME CAP LOGFILE CMD...: run CMD under timeout (CAP, or less to keep BENCH_RESERVE), output teed to LOGFILE.
+stage() {
+    local name=$1 cap=$2 log=$3 reserve=$BENCH_RESERVE
+    shift 3
+    [ "$name" = bench ] && reserve=5
+    local left=$(( DEADLINE - $(date +%s) - reserve ))
+    local limit=$(( cap < left ? cap : left ))
+    if [ "$limit" -lt 5 ]; then
+        STATUS+=("$name: SKIPPED (no time left)")
+        echo "=== $name: skipped, no time left" | tee -a "$LOG"
+        return
+    fi
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local start=$(date +%s)
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]} verdict=OK
+    [ "$rc" -ne 0 ] && verdict="FAILED (rc=$rc)"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT after ${limit}s"
+    STATUS+=("$name: $verdict in $(( $(date +%s) - start ))s")
+    echo "=== $name: $verdict" | tee -a "$LOG"
+}
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# A tiny call of each CUDA op (forward and backward), odd shapes so edge tiles are exercised.
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1 (below): every tensor its own cudaMalloc, so an access past its
+# end is caught instead of landing in the caching allocator's pool.
+cat > "$TMP/sanitize.py" <<'EOF'
+import torch
+import mmfast
+
+torch.manual_seed(0)
+dev = "cuda"
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for n, c, d in ((37, 101, 70), (3, 7, 8)):
+        image = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
+        text = torch.randn(c, d, device=dev, dtype=dtype, requires_grad=True)
+        for act, bias in (("softmax", None), ("sigmoid", -10.0), ("none", None)):
+            out = mmfast.similarity_softmax(image, text, 100.0, bias, activation=act, backend="cuda")
+            out.backward(torch.randn_like(out))
+            values, _ = mmfast.similarity_softmax(image, text, 100.0, bias, activation=act, topk=5, backend="cuda")
+            values.backward(torch.randn_like(values))
+        torch.cuda.synchronize()
+        print(f"similarity_softmax (+topk, backward) {dtype} N={n} C={c} D={d}: ran", flush=True)
+print("all CUDA ops ran under the sanitizer")
+EOF
+
+cat > "$TMP/ceilings.py" <<'EOF'
+import torch
+
+dev = torch.device("cuda")
+
+
+def median_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
+
+
+print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}; CUDA {torch.version.cuda}")
+src = torch.empty(2**30, dtype=torch.uint8, device=dev)
+dst = torch.empty_like(src)
+ms = median_ms(lambda: dst.copy_(src))
+print(f"device-to-device copy 1 GiB: {ms:.3f} ms = {2 * 2**30 / ms / 1e6:.0f} GB/s (read + write)")
+del src, dst
+n = 8192
+for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    ms = median_ms(lambda: a @ b)
+    name = f"{dtype}".replace("torch.", "") + (" (TF32)" if tf32 else "")
+    print(f"GEMM {n}^3 {name}: {ms:.3f} ms = {2 * n**3 / ms / 1e9:.0f} TFLOP/s")
+EOF
+
+stage nvidia-smi 15 "$LOG" nvidia-smi
+stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+stage info 40 "$LOG" "$PY" -m mmfast info
+stage pytest 120 "$OUT/pytest.log" "$PY" -m pytest tests -q -x -k cuda -p no:cacheprovider
+SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SANITIZER" ]; then
+    stage sanitizer 90 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" "$TMP/sanitize.py"
+else
+    STATUS+=("sanitizer: SKIPPED (compute-sanitizer not found)")
+    echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
+fi
+stage ceilings 45 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+stage bench 600 "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
+
+{
+    echo "=== summary"
+    printf '%s\n' "${STATUS[@]}"
+} | tee -a "$LOG"

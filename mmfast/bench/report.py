@@ -1,0 +1,240 @@
+"""The benchmark's outputs: one CSV schema for every op, a PNG per op, tables in RESULTS.md.
+
+CSV (Liger-Kernel style), one row per (case, provider, mode, metric):
+  kernel          the op, e.g. similarity_softmax
+  provider        eager | compile | floor-<name> | mmfast (backend auto) | mmfast-<backend>
+  mode            forward | backward | full
+  metric          time_ms | peak_mem_mb
+  x_name, x_value the size the case is plotted against (e.g. C, 21843)
+  extra           JSON: case label, dtype, shape, quick, status ("ok (rel err ..)", "FAIL: ..",
+                  "ERROR: .."), backend (the one auto resolved to), samples, targets {label: verdict},
+                  load (the 1-minute load average when the row was measured: other jobs on the CPU)
+  median, p20, p80  of the samples (peak_mem_mb: one value thrice); empty when not timed
+  device, torch_version, mmfast_version, timestamp
+Everything else (speedups, PASS/MISS, tables, plots) is computed from these rows, so
+`python -m mmfast report` can redo the tables and plots from CSVs copied from another machine.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+
+COLUMNS = ["kernel", "provider", "mode", "metric", "x_name", "x_value", "extra", "median", "p20", "p80",
+           "device", "torch_version", "mmfast_version", "timestamp"]
+_NUMERIC = ("x_value", "median", "p20", "p80")
+
+
+# ---- CSV -------------------------------------------------------------------------------------------
+def write_csv(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in COLUMNS})
+    os.replace(tmp, path)  # a reader (or a kill mid-write) never sees half a file
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in _NUMERIC:
+            row[key] = float(row[key]) if row[key] != "" else math.nan
+    return rows
+
+
+def extra(row: dict) -> dict:
+    return json.loads(row["extra"])
+
+
+def _is_mmfast(provider: str) -> bool:
+    return provider == "mmfast" or provider.startswith("mmfast-")
+
+
+def _lookup(rows: list[dict]) -> dict:
+    """(case, provider, mode, metric) -> median."""
+    return {(extra(r)["case"], r["provider"], r["mode"], r["metric"]): r["median"] for r in rows}
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+def evaluate_targets(rows: list[dict], targets) -> None:
+    """Write each target's verdict into the extra of the mmfast rows it applies to (time_ms)."""
+    if not targets:
+        return
+    medians = _lookup(rows)
+    for row in rows:
+        if row["metric"] != "time_ms" or not _is_mmfast(row["provider"]) or math.isnan(row["median"]):
+            continue
+        info = extra(row)
+        verdicts = {}
+        for target in targets:
+            if row["mode"] not in target.modes:
+                continue
+            base = medians.get((info["case"], target.baseline, row["mode"], "time_ms"), math.nan)
+            speedup = base / row["median"]
+            if math.isnan(speedup):
+                verdicts[target.label] = f"n/a ({target.baseline} not timed)"
+            else:
+                verdicts[target.label] = f"{'PASS' if speedup >= target.min_speedup else 'MISS'} {speedup:.2f}x"
+        if verdicts:
+            info["targets"] = verdicts
+            row["extra"] = json.dumps(info, sort_keys=True)
+
+
+def missed_targets(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        info = extra(row)
+        for label, verdict in info.get("targets", {}).items():
+            if verdict.startswith("MISS"):  # "n/a": the baseline failed, listed among the broken
+                out.append(f"{row['kernel']} {info['case']} {row['mode']} {row['provider']}: {label}: {verdict}")
+    return out
+
+
+def broken(rows: list[dict]) -> list[str]:
+    """Checked providers that were wrong (FAIL) or raised (ERROR)."""
+    out = []
+    for row in rows:
+        status = extra(row)["status"]
+        if row["metric"] == "time_ms" and status.startswith(("FAIL", "ERROR")):
+            out.append(f"{row['kernel']} {extra(row)['case']} {row['mode']} {row['provider']}: {status}")
+    return out
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+def _cases(rows: list[dict]) -> list[str]:
+    seen = []
+    for row in rows:
+        case = extra(row)["case"]
+        if case not in seen:
+            seen.append(case)
+    return seen
+
+
+def fmt(v: float) -> str:
+    """3 significant digits without exponents: 0.0123, 4.56, 45.6, 456, 4560."""
+    if math.isnan(v):
+        return ""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown: one table per case; speedups are median(baseline) / median(provider)."""
+    medians = _lookup(rows)
+    parts = []
+    for case in _cases(rows):
+        mine = [r for r in rows if extra(r)["case"] == case and r["metric"] == "time_ms"]
+        floors = sorted({r["provider"] for r in mine if r["provider"].startswith("floor-")})
+        head = ["mode", "provider", "median ms", "p20-p80 ms", "vs eager"] + [f"vs {f}" for f in floors] + \
+               ["peak MB", "check / targets"]
+        lines = [f"**{case}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in mine:
+            info, mode = extra(r), r["mode"]
+            provider = r["provider"] + (f" ({info['backend']})" if r["provider"] == "mmfast" else "")
+            ratios = [medians.get((case, base, mode, "time_ms"), math.nan) / r["median"] for base in ["eager"] + floors]
+            baseline = r["provider"] == "eager" or r["provider"].startswith("floor-")  # not checked
+            notes = [] if baseline else [info["status"]]
+            notes += [f"{label}: {verdict}" for label, verdict in info.get("targets", {}).items()]
+            spread = "" if math.isnan(r["p20"]) else f"{fmt(r['p20'])}-{fmt(r['p80'])}"
+            cells = [mode, provider, fmt(r["median"]), spread]
+            cells += ["" if math.isnan(x) else f"{x:.2f}x" for x in ratios]
+            cells += [fmt(medians.get((case, r["provider"], mode, "peak_mem_mb"), math.nan)),
+                      "; ".join(notes).replace("|", "/")]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def update_results_md(path: str, device: str, op: str, table: str, stamp: str = "") -> None:
+    """Replace the text between `<!-- bench:<device>:<op> start -->` and `... end -->`, or append
+    a new section; everything outside the markers is left as it is."""
+    start, end = f"<!-- bench:{device}:{op} start -->", f"<!-- bench:{device}:{op} end -->"
+    text = open(path).read() if os.path.exists(path) else "# mmfast benchmark results\n"
+    block = f"{start}\n{stamp}{table}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + f"\n\n### {op} on {device}\n\n{block}\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def stamp(rows: list[dict]) -> str:
+    """The line above a generated table: when, with what, how."""
+    r = rows[0]
+    quick = " --quick" if extra(r).get("quick") else ""
+    loads = [extra(row)["load"] for row in rows if "load" in extra(row)]
+    load = f", load average {min(loads)}-{max(loads)} during the run" if loads else ""
+    return (f"Generated by `python -m mmfast bench --op {r['kernel']}{quick}` on {r['timestamp']} "
+            f"(torch {r['torch_version']}, mmfast {r['mmfast_version']}{load}).\n\n")
+
+
+# ---- plot ------------------------------------------------------------------------------------------
+def plot(rows: list[dict], path: str) -> str:
+    """Speedup vs eager (above 1: faster) per case (x, ordered by x_value) and provider, a panel per mode.
+    Returns the path, or a note saying why no plot was written (matplotlib missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"skipped ({e}; install matplotlib for plots)"
+    medians = _lookup(rows)
+    timed = [r for r in rows if r["metric"] == "time_ms" and not math.isnan(r["median"]) and r["provider"] != "eager"]
+    if not timed:
+        return "skipped (nothing was timed)"
+    cases = sorted(_cases(timed), key=lambda c: next(r["x_value"] for r in timed if extra(r)["case"] == c))
+    modes = [m for m in ("forward", "backward", "full") if any(r["mode"] == m for r in timed)]
+    providers = list(dict.fromkeys(r["provider"] for r in timed))
+    labels = {}
+    for provider in providers:  # "mmfast (cpu)": the backend auto resolved to, when it is one
+        backends = {extra(r).get("backend") for r in timed if r["provider"] == provider}
+        labels[provider] = provider + (f" ({backends.pop()})" if provider == "mmfast" and len(backends) == 1 else "")
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6.0, 1.3 * len(cases)), 3.2 * len(modes)), squeeze=False)
+    width = 0.8 / len(providers)
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, provider in enumerate(providers):
+            xs, ys = [], []
+            for j, case in enumerate(cases):
+                t = medians.get((case, provider, mode, "time_ms"), math.nan)
+                base = medians.get((case, "eager", mode, "time_ms"), math.nan)
+                if not math.isnan(t / base):
+                    xs.append(j - 0.4 + width * (i + 0.5))
+                    ys.append(base / t)
+            ax.bar(xs, ys, width, label=labels[provider])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([c.replace(" ", "\n") for c in cases], fontsize=7)
+        ax.set_title(mode, fontsize=9)
+        ax.set_ylabel("speedup vs eager", fontsize=8)
+    axes[0][0].legend(fontsize=7, ncol=min(len(providers), 3))
+    fig.suptitle(f"{rows[0]['kernel']} on {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def regenerate(out_dir: str, results_md: str | None) -> list[str]:
+    """Redo plots and RESULTS.md tables from every <out_dir>/<device>/<op>.csv; returns what it wrote."""
+    written = []
+    for device in sorted(os.listdir(out_dir)):
+        folder = os.path.join(out_dir, device)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".csv"):
+                rows = read_csv(os.path.join(folder, name))
+                if not rows:
+                    continue
+                written.append(plot(rows, os.path.join(folder, name[:-4] + ".png")))
+                if results_md:
+                    update_results_md(results_md, device, name[:-4], results_table(rows), stamp(rows))
+                    written.append(f"{results_md} ({device}, {name[:-4]})")
+    return written

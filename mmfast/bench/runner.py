@@ -1,0 +1,631 @@
+"""`python -m mmfast bench`: check every implementation against the float64 reference, then time it.
+
+Per case (mmfast.bench.registry.Case) and device:
+1. the oracle: the eager reference on the inputs cast to float64 (outputs, and gradients for a
+   fixed random grad_output); the same reference in the case's dtype gives the low-precision error
+   that fp16/bf16 implementations are held to (at most 2x of it, FlashAttention's rule);
+2. each checked provider (torch.compile(reference), "mmfast" = backend auto, "mmfast-<backend>")
+   is compared with the oracle — forward outputs, then gradients. A wrong one is reported FAIL
+   and not timed; one that raises is reported ERROR; the run goes on;
+3. the timing of every provider that passed, plus the eager reference and the case's floors, in
+   the modes forward (under no_grad: inference), backward (autograd.grad of a graph built,
+   untimed, before each call) and full (forward + backward), with the peak memory of a call;
+4. speedups vs eager and vs the floors, and the case's targets (PASS/MISS).
+Rows go to <out>/<device-name>/<op>.csv (mmfast.bench.report.COLUMNS), a PNG plot, and a table
+between markers in RESULTS.md.
+
+Timing. CPU: time.perf_counter around each call, after warm-up, with torch.set_num_threads(
+os.cpu_count()); the providers of a mode take turns call by call, so that other jobs on a shared
+machine slow them alike. CUDA: torch.cuda.Event pairs around each call, a 256 MB buffer zeroed
+before each to flush L2 (as triton.testing.do_bench does). Median, p20 and p80 of the samples.
+
+Peak memory. CUDA: torch.cuda.max_memory_allocated() minus the allocated bytes before the call.
+CPU: torch's CPU allocator keeps no statistics, so this measures the growth of the process's
+resident set: glibc's free memory is handed back (malloc_trim), the kernel's high-water mark is
+reset (/proc/self/clear_refs "5"), and after the call VmHWM minus the VmRSS before it is the
+peak. Precision: whole 4 KiB pages, and glibc may put a new buffer in fresh pages while a freed
+one is still resident, so a call can read up to about one intermediate buffer more than its live
+tensors (measured here: the eager N=4096 C=1000 fp32 forward reads 46.2 MB, exactly its live
+tensors, in most calls and 61.8 MB in some); the minimum over the first 3 calls (2 with --quick)
+is reported. Memory written outside torch (malloc scratch in a kernel) counts too. "nan" where
+/proc/self/clear_refs is not available.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import mmfast
+from mmfast import backend as _backend
+from mmfast.bench import registry, report
+from mmfast.bench.registry import Case
+
+FP32_RTOL = 1e-4  # at bench sizes (K=768 sums) fp32 kernels land near 1e-6; 1e-4 leaves room for
+#                   other summation orders while still catching any real bug
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---- the accuracy rule (tests/conftest.py applies the same one) ----------------------------------
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / max(||ref||, tiny), in float64."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def accuracy_problem(out, ref64, ref_lowp, *, fp32_rtol: float = FP32_RTOL) -> tuple[str | None, float]:
+    """(None, err) when `out` is close enough to the float64 reference, else (why, err).
+
+    Floating outputs: fp32 relative error <= fp32_rtol; fp16/bf16 <= 2x the error of the reference
+    computed in the same dtype (floor: 4 units of rounding). Integer outputs (top-k indices): the
+    fraction that differs from the float64 reference's may be at most 2x the low-precision
+    reference's fraction, with a floor of 0.1% (near-ties legitimately swap)."""
+    if tuple(out.shape) != tuple(ref64.shape):
+        return f"shape {tuple(out.shape)} != reference {tuple(ref64.shape)}", math.nan
+    if not out.is_floating_point():
+        mismatch = (out != ref64).double().mean().item()
+        allowed = max(2 * (ref_lowp != ref64).double().mean().item(), 1e-3)
+        return (None if mismatch <= allowed else f"{mismatch:.2%} differ (allowed {allowed:.2%})"), mismatch
+    err = rel_err(out, ref64)
+    if out.dtype in LOW_PRECISION:
+        bound = max(2 * rel_err(ref_lowp, ref64), 4 * torch.finfo(out.dtype).eps)
+    else:
+        bound = fp32_rtol
+    if not err <= bound:  # NaN fails too
+        return f"rel err {err:.2e} > {bound:.2e}", err
+    return None, err
+
+
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _compare(outs, outs64, outs_lowp, what: str) -> tuple[str | None, float]:
+    """Check every tensor of `outs`; (None or the first problem, largest floating rel err)."""
+    outs = _as_list(outs)
+    if len(outs) != len(outs64):
+        return f"{what}: {len(outs)} outputs, reference has {len(outs64)}", math.nan
+    worst = 0.0
+    for i, (o, r64, rl) in enumerate(zip(outs, outs64, outs_lowp)):
+        problem, err = accuracy_problem(o, r64, rl)
+        if problem is not None:
+            return f"{what}[{i}]: {problem}", err
+        if o.is_floating_point():
+            worst = max(worst, err)
+    return None, worst
+
+
+# ---- providers -------------------------------------------------------------------------------
+@dataclass
+class Provider:
+    name: str  # "eager", "compile", "floor-<name>", "mmfast", "mmfast-<backend>"
+    fn: Callable[..., Any]
+    checked: bool  # compared with the float64 reference before timing
+    backend: str | None = None  # the concrete mmfast backend (for "mmfast": what auto resolved to)
+
+
+def kernel_backends(case: Case, device: torch.device) -> list[str]:
+    """The op's non-reference backends that run on `device`; Triton only on CUDA (the CPU
+    interpreter is a correctness tool, timing it means nothing)."""
+    found = []
+    for name in case.backends:
+        if name == "reference" or (name == "triton" and device.type != "cuda"):
+            continue
+        if _backend._why_unavailable(name, device) is None:
+            found.append(name)
+    return found
+
+
+def providers_for(case: Case, device: torch.device, backends: list[str] | None = None,
+                  only: list[str] | None = None) -> list[Provider]:
+    """Eager reference, torch.compile(reference), the floors, mmfast (auto) and mmfast-<backend>
+    for each backend (default: kernel_backends); an explicit backend that auto resolves to is
+    timed once, as "mmfast". `only`: these providers and eager (the baseline of every ratio)."""
+    def wanted(name):
+        return not only or name in only or name == "eager"
+
+    auto = _backend.resolve(case.op, case.backends, device, case.dtype, "auto")
+    found = [Provider("eager", case.reference, checked=False)]
+    if wanted("compile"):  # dynamic=False: specialized to the case's shapes, like a deployed model
+        found.append(Provider("compile", torch.compile(case.reference, dynamic=False), checked=True))
+    found += [Provider(f"floor-{name}", fn, checked=False) for name, fn in case.floors.items()]
+    found.append(Provider("mmfast", _bind_backend(case.mmfast, "auto"), checked=True, backend=auto))
+    for name in (kernel_backends(case, device) if backends is None else backends):
+        if name != auto:
+            found.append(Provider(f"mmfast-{name}", _bind_backend(case.mmfast, name), checked=True, backend=name))
+    return [p for p in found if wanted(p.name)]
+
+
+def _bind_backend(fn, backend):
+    return lambda **inputs: fn(**inputs, backend=backend)
+
+
+# ---- the oracle and the steps that get timed --------------------------------------------------
+@dataclass
+class Prepared:
+    """A case's inputs on the device and what every provider is compared with."""
+    case: Case
+    inputs: dict[str, torch.Tensor]
+    grad_outputs: list[torch.Tensor] = field(default_factory=list)  # one per differentiable output
+    diff_positions: list[int] = field(default_factory=list)  # which outputs are differentiable
+    out64: list = field(default_factory=list)
+    out_lowp: list = field(default_factory=list)
+    grads64: list = field(default_factory=list)
+    grads_lowp: list = field(default_factory=list)
+
+    @property
+    def has_backward(self) -> bool:
+        return bool(self.case.grad_inputs) and any(m != "forward" for m in self.case.modes)
+
+
+def _grad_copy(inputs: dict, names, dtype=None) -> dict:
+    out = {}
+    for key, value in inputs.items():
+        if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.detach().requires_grad_() if key in names else value
+    return out
+
+
+def _forward_backward(fn, inputs: dict, names, positions, grad_outputs):
+    """(outputs, gradients of `names`) of one fn call with the given grad_outputs."""
+    with torch.enable_grad():
+        outs = _as_list(fn(**inputs))
+        diff = [outs[i] for i in positions]
+        grads = torch.autograd.grad(diff, [inputs[n] for n in names], grad_outputs)
+    return outs, list(grads)
+
+
+def _random_grad_outputs(outs: list) -> tuple[list[int], list[torch.Tensor]]:
+    """The differentiable outputs' positions, and a fixed random grad_output for each."""
+    positions = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
+    gen = torch.Generator().manual_seed(1234)  # on the CPU: the same numbers on every device
+    return positions, [torch.randn(outs[i].shape, generator=gen).to(outs[i].device, outs[i].dtype) for i in positions]
+
+
+def prepare(case: Case, device: torch.device) -> Prepared:
+    inputs = case.make_inputs(device)
+    prep = Prepared(case, inputs)
+    with torch.no_grad():
+        prep.out_lowp = [o.detach() for o in _as_list(case.reference(**inputs))]
+        prep.out64 = [o.detach() for o in _as_list(case.reference(**_grad_copy(inputs, (), torch.float64)))]
+    if prep.has_backward:
+        grad_in = _grad_copy(inputs, case.grad_inputs)
+        with torch.enable_grad():
+            outs = _as_list(case.reference(**grad_in))
+        prep.diff_positions, prep.grad_outputs = _random_grad_outputs(outs)
+        del outs
+        _, prep.grads_lowp = _forward_backward(case.reference, grad_in, case.grad_inputs,
+                                               prep.diff_positions, prep.grad_outputs)
+        _, prep.grads64 = _forward_backward(case.reference, _grad_copy(inputs, case.grad_inputs, torch.float64),
+                                            case.grad_inputs, prep.diff_positions,
+                                            [g.double() for g in prep.grad_outputs])
+    return prep
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check(provider: Provider, prep: Prepared) -> dict[str, str]:
+    """Per mode: "ok", "FAIL: <why>" (wrong result) or "ERROR: <exception>"; rel errs appended."""
+    case = prep.case
+    try:
+        with torch.no_grad():
+            outs = provider.fn(**prep.inputs)
+        problem, err = _compare(outs, prep.out64, prep.out_lowp, "output")
+        del outs
+    except Exception as e:  # a kernel that raises is reported, never fatal to the run
+        return {m: f"ERROR: {_short(e)}" for m in case.modes}
+    if problem is not None:
+        return {m: f"FAIL: {problem}" for m in case.modes}
+    status = {"forward": f"ok (rel err {err:.1e})"}
+    if prep.has_backward:
+        try:
+            grad_in = _grad_copy(prep.inputs, case.grad_inputs)
+            _, grads = _forward_backward(provider.fn, grad_in, case.grad_inputs, prep.diff_positions,
+                                         prep.grad_outputs)
+            problem, gerr = _compare(grads, prep.grads64, prep.grads_lowp, "grad")
+            back = f"FAIL: {problem}" if problem else f"ok (grad rel err {gerr:.1e})"
+        except Exception as e:
+            back = f"ERROR: {_short(e)}"
+        status.update(backward=back, full=back)
+    return {m: status[m] for m in case.modes}
+
+
+@dataclass
+class Step:
+    """What one measurement calls: setup() untimed, then run(state) timed. Only the backward mode
+    has a setup (the forward pass whose graph run() differentiates: a fresh graph per call, so no
+    retain_graph, which torch.compile's donated buffers refuse)."""
+    run: Callable[[Any], Any]
+    setup: Callable[[], Any] = lambda: None
+
+
+def _grad_outputs_of(fn, grad_in: dict, prep: Prepared, own: bool):
+    """(positions, grad_outputs): the case's for checked providers; a floor computes something
+    else, so it gets fixed random grad_outputs shaped like its own differentiable outputs."""
+    if not own:
+        return prep.diff_positions, prep.grad_outputs
+    with torch.enable_grad():
+        return _random_grad_outputs(_as_list(fn(**grad_in)))
+
+
+def make_step(fn, prep: Prepared, mode: str, own_outputs: bool = False) -> Step:
+    """forward: under no_grad (inference). backward: autograd.grad of a graph built untimed.
+    full: forward + autograd.grad. own_outputs: fn is a floor (its outputs differ from the case's)."""
+    if mode == "forward":
+        def forward(_):
+            with torch.no_grad():
+                return fn(**prep.inputs)
+        return Step(forward)
+    names = prep.case.grad_inputs
+    grad_in = _grad_copy(prep.inputs, names)
+    leaves = [grad_in[n] for n in names]
+    positions, grad_outputs = _grad_outputs_of(fn, grad_in, prep, own_outputs)
+
+    def forward_with_graph():
+        with torch.enable_grad():
+            outs = _as_list(fn(**grad_in))
+        return [outs[i] for i in positions]
+
+    if mode == "backward":
+        return Step(lambda diff: torch.autograd.grad(diff, leaves, grad_outputs), setup=forward_with_graph)
+    if mode == "full":
+        return Step(lambda _: torch.autograd.grad(forward_with_graph(), leaves, grad_outputs))
+    raise ValueError(f"mmfast bench: unknown mode {mode!r}")
+
+
+# ---- timing and memory ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    memory_calls: int  # first calls: peak memory (min over them); they warm up too
+    warmup: int  # more untimed calls (CPU); CUDA warms up for seconds / 10
+    min_samples: int
+    max_samples: int
+    seconds: float  # stop sampling after this much, once min_samples are in
+
+
+FULL = Budget(memory_calls=3, warmup=1, min_samples=10, max_samples=100, seconds=3.0)
+QUICK = Budget(memory_calls=2, warmup=0, min_samples=3, max_samples=10, seconds=0.5)
+
+
+def _once(step: Step):
+    return step.run(step.setup())
+
+
+def time_steps(steps: list[Step], device: torch.device, budget: Budget) -> list[list[float] | Exception]:
+    """Per-call times in ms of each step's run (or the exception it raised).
+
+    CPU: the steps take turns, one call each per round, so that load from other processes on a
+    shared machine falls on every provider alike and their ratios stay meaningful. CUDA: one
+    step after the other (the GPU is not shared)."""
+    if device.type == "cuda":
+        found = []
+        for step in steps:
+            try:
+                found.append(_time_cuda(step, device, budget))
+            except Exception as e:
+                found.append(e)
+        return found
+    found: list[list[float] | Exception] = [[] for _ in steps]
+
+    def call(i: int, timed: bool) -> None:
+        if isinstance(found[i], Exception):
+            return
+        try:
+            state = steps[i].setup()
+            t0 = time.perf_counter()
+            steps[i].run(state)
+            if timed:
+                found[i].append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # e.g. out of memory in one mode: reported, the others go on
+            found[i] = e
+
+    for _ in range(budget.warmup):
+        for i in range(len(steps)):
+            call(i, timed=False)
+    start, rounds = time.perf_counter(), 0
+    while rounds < budget.max_samples and (rounds < budget.min_samples
+                                           or time.perf_counter() - start < budget.seconds * len(steps)):
+        for i in range(len(steps)):
+            call(i, timed=True)
+        rounds += 1
+    return found
+
+
+def _time_cuda(step: Step, device, budget: Budget) -> list[float]:
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # > L2 of H100/H200 (50-60 MB)
+    torch.cuda.synchronize(device)
+    t0, warm = time.perf_counter(), 0
+    while warm < 3 or time.perf_counter() - t0 < budget.seconds / 10:  # clocks and caches settle
+        _once(step)
+        torch.cuda.synchronize(device)
+        warm += 1
+    per_call = (time.perf_counter() - t0) / warm  # an upper bound (includes the setup)
+    n = int(min(budget.max_samples * 10, max(budget.min_samples * 2, budget.seconds / 2 / max(per_call, 1e-6))))
+    times = []
+    for _ in range(n):
+        state = step.setup()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step.run(state)
+        end.record()
+        times.append((start, end))
+        del state
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in times]
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80), linear interpolation."""
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+_libc = None
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory_mb(step: Step, device: torch.device, calls: int) -> float:
+    """Peak extra memory of step.run (see the module docstring for how, and its precision)."""
+    global _libc
+    if device.type == "cpu" and not os.access("/proc/self/clear_refs", os.W_OK):
+        for _ in range(calls):
+            _once(step)  # still the warm-up
+        return math.nan
+    if device.type == "cpu" and _libc is None:
+        _libc = ctypes.CDLL(None)
+    best = math.inf
+    for _ in range(calls):
+        state = step.setup()
+        gc.collect(1)  # the young generations: cycles freed mid-call would hide memory; a full
+        #                collect costs 0.5 s once torch._dynamo is loaded (measured)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            result = step.run(state)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            if hasattr(_libc, "malloc_trim"):
+                _libc.malloc_trim(0)  # freed memory back to the OS: reusing it shows up as growth
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            base = _proc_status_bytes("VmRSS:")
+            result = step.run(state)
+            peak = _proc_status_bytes("VmHWM:")
+        del result, state
+        best = min(best, (peak - base) / 2**20)
+    return best
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    """A folder name for the machine: "cpu-<model short name>-<cores>c" or the CUDA device's name."""
+    if device.type == "cuda":
+        raw = torch.cuda.get_device_name(device)
+    else:
+        raw = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                raw = next((ln.split(":", 1)[1] for ln in f if ln.startswith("model name")), "")
+        except OSError:
+            pass
+        raw = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\b(Intel|AMD|Genuine)\b", " ", raw or "unknown")
+        raw = f"cpu {raw} {os.cpu_count()}c"
+    name = re.sub(r"[^a-z0-9.]+", "-", raw.lower()).strip("-")
+    return name or device.type
+
+
+def setup_torch(compiling: bool) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision("highest")  # fp32 means fp32 (no TF32), as in the checks
+    if compiling:  # importing torch._dynamo costs seconds: only when torch.compile is timed
+        import torch._dynamo.config as dynamo_config
+        # Each case compiles the reference afresh; the default limit of 8 recompiles of one
+        # function would silently fall back to eager after a few cases.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, 64)
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def line(self, text: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}", flush=True)
+
+
+@dataclass
+class Options:
+    ops: list[str]
+    device: torch.device
+    quick: bool
+    out: str
+    results_md: str | None
+    backends: list[str] | None
+    providers: list[str] | None
+    bench_dir: str | None
+
+
+def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[dict]:
+    device, budget = opts.device, (QUICK if opts.quick else FULL)
+    where = f"{case.op} {case.label} {device.type}"
+    providers = providers_for(case, device, opts.backends, opts.providers)
+    try:
+        prep = prepare(case, device)
+        oracle_error = None
+    except Exception as e:  # e.g. out of memory in float64: nothing of this case can be checked
+        prep, oracle_error = None, f"ERROR: the float64 reference failed: {_short(e)}"
+        print(f"  {where}: {oracle_error}", flush=True)
+    if any(p.name == "compile" for p in providers):
+        torch._dynamo.reset()  # one compiled reference per case; frees the last case's graphs
+    rows = []
+
+    def row(provider: Provider, mode: str, metric: str, values, status: str, **extra) -> dict:
+        info = dict(case=case.label, dtype=str(case.dtype).replace("torch.", ""), **case.params,
+                    quick=opts.quick, status=status, load=round(os.getloadavg()[0], 1))  # load: CPU contention
+        if provider.backend is not None:
+            info["backend"] = provider.backend
+        info.update(extra)
+        median, p20, p80 = values
+        return dict(kernel=case.op, provider=provider.name, mode=mode, metric=metric, x_name=case.x_name,
+                    x_value=case.x_value, extra=json.dumps(info, sort_keys=True), median=median, p20=p20,
+                    p80=p80, **meta)
+
+    statuses = {}
+    for provider in providers:
+        if oracle_error is not None:
+            statuses[provider.name] = {m: oracle_error for m in case.modes}
+        elif provider.checked:
+            t0 = time.perf_counter()
+            statuses[provider.name] = check(provider, prep)
+            took = f" [{time.perf_counter() - t0:.1f} s]" if provider.name == "compile" else ""  # the compile time
+            for mode in case.modes:
+                print(f"  check {where} {mode:8} {provider.name:14} {statuses[provider.name][mode]}{took}",
+                      flush=True)
+        else:
+            statuses[provider.name] = {m: "ok" for m in case.modes}
+
+    def not_timed(provider: Provider, mode: str, why: str) -> None:
+        progress.line(f"{where} {mode:8} {provider.name:14} {why.split(':')[0]} (not timed)")
+        rows.append(row(provider, mode, "time_ms", (math.nan,) * 3, why))
+
+    for mode in case.modes:
+        ready = []  # (provider, step, peak MB) of the providers timed in this mode
+        for provider in providers:
+            if not statuses[provider.name][mode].startswith("ok"):
+                not_timed(provider, mode, statuses[provider.name][mode])
+                continue
+            try:
+                step = make_step(provider.fn, prep, mode, own_outputs=provider.name.startswith("floor-"))
+                ready.append((provider, step, peak_memory_mb(step, device, budget.memory_calls)))  # warms up too
+            except Exception as e:  # e.g. out of memory in one mode: reported, the rest goes on
+                not_timed(provider, mode, f"ERROR: {_short(e)}")
+        for (provider, _, mem), samples in zip(ready, time_steps([s for _, s, _ in ready], device, budget)):
+            if isinstance(samples, Exception):
+                not_timed(provider, mode, f"ERROR: {_short(samples)}")
+                continue
+            median, p20, p80 = quantiles(samples)
+            status = statuses[provider.name][mode]
+            progress.line(f"{where} {mode:8} {provider.name:14} ... {report.fmt(median)} ms (p20 {report.fmt(p20)}, "
+                          f"p80 {report.fmt(p80)}, n={len(samples)}) peak {mem:.1f} MB")
+            rows.append(row(provider, mode, "time_ms", (median, p20, p80), status, samples=len(samples)))
+            rows.append(row(provider, mode, "peak_mem_mb", (mem, mem, mem), status))
+        del ready
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del prep
+    report.evaluate_targets(rows, case.targets)
+    print("\n" + report.results_table(rows) + "\n", flush=True)
+    return rows
+
+
+def run(opts: Options) -> int:
+    started = time.perf_counter()
+    setup_torch(compiling=not opts.providers or "compile" in opts.providers)
+    known = registry.load(opts.bench_dir)
+    ops = opts.ops or sorted(known)
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        print(f"mmfast bench: unknown op(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
+        return 2
+    dev_name = device_name(opts.device)
+    meta = dict(device=dev_name, torch_version=torch.__version__, mmfast_version=mmfast.__version__,
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    plan = {op: registry.cases(op, opts.device.type, opts.quick) for op in ops}
+    total = sum(len(providers_for(c, opts.device, opts.backends, opts.providers)) * len(c.modes)
+                for cs in plan.values() for c in cs)
+    print(f"mmfast bench on {dev_name} ({opts.device.type}, {torch.get_num_threads()} threads), torch "
+          f"{torch.__version__}, mmfast {mmfast.__version__}{', quick' if opts.quick else ''}: "
+          f"{total} measurements", flush=True)
+    progress, broken, missed = Progress(total), [], []
+    out_dir = os.path.join(opts.out, dev_name)
+    os.makedirs(out_dir, exist_ok=True)
+    for op, cases in plan.items():
+        rows: list[dict] = []
+        csv_path = os.path.join(out_dir, f"{op}.csv")
+        try:
+            for case in cases:
+                rows += run_case(case, opts, progress, meta)
+                report.write_csv(csv_path, rows)  # after every case: a killed run keeps what it measured
+        finally:
+            if rows:
+                report.write_csv(csv_path, rows)
+                note = report.plot(rows, os.path.join(out_dir, f"{op}.png"))
+                print(f"{op}: {csv_path}; plot: {note}", flush=True)
+                if opts.results_md:
+                    report.update_results_md(opts.results_md, dev_name, op, report.results_table(rows),
+                                             report.stamp(rows))
+                    print(f"{op}: table refreshed in {opts.results_md}", flush=True)
+        broken += report.broken(rows)
+        missed += report.missed_targets(rows)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    if missed:
+        print(f"targets missed ({len(missed)}):\n  " + "\n  ".join(missed), flush=True)
+    if broken:
+        print(f"FAILED or ERRORED implementations ({len(broken)}): not timed\n  " + "\n  ".join(broken), flush=True)
+        return 1
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", action="append", dest="ops", metavar="NAME",
+                        help="op to benchmark (repeatable; default: every benchmarks/<op>.py)")
+    parser.add_argument("--quick", action="store_true", help="fewer cases and samples (CPU: about 2-3 minutes)")
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results); files go "
+                        "to OUT/<device-name>/<op>.csv and .png")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--results-md", default=None,
+                        help="markdown file whose generated tables are refreshed (default: OUT/../RESULTS.md; "
+                             "'none' to skip)")
+    parser.add_argument("--backends", default=None,
+                        help="comma list of mmfast backends timed besides auto (default: the kernel backends "
+                             "available on the device; add 'reference' as a stand-in)")
+    parser.add_argument("--providers", default=None,
+                        help="comma list of providers to run, e.g. mmfast,floor-gemm (eager always runs)")
+    parser.add_argument("--bench-dir", default=None, help="where the benchmarks/<op>.py files are")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("mmfast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out or os.path.join(registry.default_bench_dir(), "results"))
+    results_md = args.results_md or os.path.join(os.path.dirname(out), "RESULTS.md")
+    split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
+    backends = split(args.backends)
+    for name in backends or ():
+        if name not in _backend.BACKEND_NAMES or name == "auto":
+            print(f"mmfast bench: --backends takes {_backend.BACKEND_NAMES[1:]}, got {name!r}", file=sys.stderr)
+            return 2
+    opts = Options(ops=args.ops or [], device=device, quick=args.quick, out=out,
+                   results_md=None if results_md.lower() == "none" else results_md,
+                   backends=backends, providers=split(args.providers), bench_dir=args.bench_dir)
+    return run(opts)
