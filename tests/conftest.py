@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mmfast  # noqa: E402
+from mmfast.testing import LOW_PRECISION, accuracy_problem, rel_err  # noqa: E402,F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def kernel_backends(device) -> list[str]:
@@ -38,26 +38,15 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / max(||ref||, tiny), in float64."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 def assert_close_to_reference(out, ref64, ref_lowp=None, *, name="output", fp32_rtol=1e-5):
-    """fp32: relative error to the fp64 reference <= fp32_rtol (TF32 off). fp16/bf16: at most 2x the
-    error of the reference computed in the same low precision (FlashAttention's rule), with a floor
-    of a few units of that dtype's rounding so exact-match cases don't demand zero error."""
+    """The accuracy rule of mmfast/testing.py (fp32: <= fp32_rtol relative to the fp64 reference, TF32
+    off; fp16/bf16: <= 2x the same-precision reference's error), plus: NaN/Inf where the reference has them."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all() == torch.isfinite(ref64).all(), f"{name}: finiteness differs"
-    err = rel_err(out, ref64)
     if out.dtype in LOW_PRECISION:
         assert ref_lowp is not None, "low precision needs the low-precision reference"
-        ref_err = rel_err(ref_lowp, ref64)
-        floor = 4 * torch.finfo(out.dtype).eps
-        assert err <= max(2 * ref_err, floor), f"{name}: rel err {err:.3e} > 2 x reference's {ref_err:.3e}"
-    else:
-        assert err <= fp32_rtol, f"{name}: rel err {err:.3e} > {fp32_rtol:.1e}"
+    problem, _ = accuracy_problem(out, ref64, ref_lowp, fp32_rtol=fp32_rtol)
+    assert problem is None, f"{name}: {problem}"
 
 
 @pytest.fixture(autouse=True)

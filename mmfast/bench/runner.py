@@ -51,42 +51,13 @@ import mmfast
 from mmfast import backend as _backend
 from mmfast.bench import registry, report
 from mmfast.bench.registry import Case
+from mmfast.testing import LOW_PRECISION, accuracy_problem, rel_err  # noqa: F401  (re-exported)
 
 FP32_RTOL = 1e-4  # at bench sizes (K=768 sums) fp32 kernels land near 1e-6; 1e-4 leaves room for
 #                   other summation orders while still catching any real bug
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-# ---- the accuracy rule (tests/conftest.py applies the same one) ----------------------------------
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / max(||ref||, tiny), in float64."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def accuracy_problem(out, ref64, ref_lowp, *, fp32_rtol: float = FP32_RTOL) -> tuple[str | None, float]:
-    """(None, err) when `out` is close enough to the float64 reference, else (why, err).
-
-    Floating outputs: fp32 relative error <= fp32_rtol; fp16/bf16 <= 2x the error of the reference
-    computed in the same dtype (floor: 4 units of rounding). Integer outputs (top-k indices): the
-    fraction that differs from the float64 reference's may be at most 2x the low-precision
-    reference's fraction, with a floor of 0.1% (near-ties legitimately swap)."""
-    if tuple(out.shape) != tuple(ref64.shape):
-        return f"shape {tuple(out.shape)} != reference {tuple(ref64.shape)}", math.nan
-    if not out.is_floating_point():
-        mismatch = (out != ref64).double().mean().item()
-        allowed = max(2 * (ref_lowp != ref64).double().mean().item(), 1e-3)
-        return (None if mismatch <= allowed else f"{mismatch:.2%} differ (allowed {allowed:.2%})"), mismatch
-    err = rel_err(out, ref64)
-    if out.dtype in LOW_PRECISION:
-        bound = max(2 * rel_err(ref_lowp, ref64), 4 * torch.finfo(out.dtype).eps)
-    else:
-        bound = fp32_rtol
-    if not err <= bound:  # NaN fails too
-        return f"rel err {err:.2e} > {bound:.2e}", err
-    return None, err
-
-
+# ---- the accuracy rule: mmfast/testing.py, shared with the tests ---------------------------------
 def _as_list(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -98,7 +69,7 @@ def _compare(outs, outs64, outs_lowp, what: str) -> tuple[str | None, float]:
         return f"{what}: {len(outs)} outputs, reference has {len(outs64)}", math.nan
     worst = 0.0
     for i, (o, r64, rl) in enumerate(zip(outs, outs64, outs_lowp)):
-        problem, err = accuracy_problem(o, r64, rl)
+        problem, err = accuracy_problem(o, r64, rl, fp32_rtol=FP32_RTOL)
         if problem is not None:
             return f"{what}[{i}]: {problem}", err
         if o.is_floating_point():
