@@ -1,0 +1,50 @@
+"""Launch helpers shared by the Triton ops: block sizes, matmul precision, device guard.
+
+Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1, read when triton is imported).
+The interpreter executes each program as numpy operations on whole blocks, so there the cost is the
+number of programs and loop iterations, not registers: ops pick larger blocks under it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# tl.dot needs every block dimension >= 16 (MMA shape on sm_80/sm_90).
+MIN_DOT_BLOCK = 16
+
+
+def pow2_block(n: int, lo: int, hi: int) -> int:
+    """The power of two >= n, clamped to [lo, hi] (lo, hi powers of two)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands: follow torch's TF32 switch for matmuls.
+
+    Triton's default for fp32 is tf32 (10-bit mantissa), about 1e-3 relative error; torch's default
+    is full fp32, and the fp32 tests compare at 1e-5. fp16/bf16 operands ignore this setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_launchable(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error for tensors Triton cannot run on in this process."""
+    device = tensors[0].device
+    if device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(f"mmfast: {op} runs CPU tensors only under TRITON_INTERPRET=1 "
+                           "(set before triton is imported); use a CUDA tensor or another backend")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"mmfast: {op} does not run on {device}")
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's device (multi-GPU processes)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
