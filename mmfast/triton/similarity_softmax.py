@@ -320,6 +320,8 @@ def _sortable_key(s, offs_c):
     """int64 keys ordered like (s, -column): the fp32 bits made monotone in signed-int order (negative
     floats have their magnitude bits flipped) in the high word, 2^31-1-column in the low word."""
     bits = s.to(tl.int32, bitcast=True)
+    # Any NaN (inf * 0 gives a sign-bit NaN) becomes +NaN, which ranks above +inf as in torch.topk.
+    bits = tl.where(s != s, 0x7FC00000, bits)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (ordered.to(tl.int64) << 32) | (2147483647 - offs_c).to(tl.int64)[None, :]
 
