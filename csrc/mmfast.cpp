@@ -35,6 +35,48 @@ TORCH_LIBRARY(mmfast, m) {
         "Tensor image, Tensor text, Tensor inv_norm_image, Tensor inv_norm_text, Tensor logit_scale, "
         "Tensor? logit_bias, bool normalize, str activation) "
         "-> (Tensor grad_image, Tensor grad_text, Tensor grad_logit_scale, Tensor grad_logit_bias)");
+
+  // ---- cross_attention (mmfast/ops/cross_attention.py; the Perceiver and SAM attention core) ----
+  // out = softmax(scale * q @ cat(k, k2)^T) @ cat(v, v2): q [B,H,Lq,d], k/v [B,H,Lk,d], optional second
+  // key/value segment k2/v2 [B,H,Lk2,d] attended after k/v (never concatenated in memory). out [B,H,Lq,d]
+  // in q's dtype; lse [B,H,Lq] the rows' log-sum-exp in fp32 (fp64 for fp64 inputs), kept for backward.
+  m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? k2, Tensor? v2, float scale) "
+        "-> (Tensor out, Tensor lse)");
+  // Fused backward (recomputes P from q, k, lse). grad_k2/grad_v2 are empty tensors when k2/v2 are None.
+  m.def("cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k2, Tensor? v2, "
+        "Tensor out, Tensor lse, float scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_k2, Tensor grad_v2)");
+  // ---- end cross_attention ----
+
+  // ---- contrastive losses (mmfast/ops/contrastive_loss.py; CLIP InfoNCE and SigLIP) ----
+  // BLOCK primitives: rows [Bi,D] x cols [Bt,D] (same dtype), logits x_ij = scale*rows_i.cols_j + bias,
+  // never materialized. Positive pairs are (i, i + label_offset) where that column is in the block
+  // (csrc/include/mmfast/contrastive.h). A single process is one block with offset 0; the local loss and
+  // ring exchanges (Inf-CL, SigLIP neighbour exchange) call them once per block. Statistics and the
+  // scale/bias gradients are fp32 (fp64 for fp64 inputs, which the CPU kernels accept for gradcheck).
+  //
+  // CLIP forward: row_lse [Bi] = logsumexp_j x_ij, col_lse [Bt] = logsumexp_i x_ij, pos_logits [Bi] =
+  // x_{i,i+label_offset} (0 for rows whose positive is outside the block). The symmetric CE of a single
+  // process is ((row_lse - pos).sum() + (col_lse - pos).sum()) / (2B). Blocks merge by logaddexp of lses.
+  m.def("clip_loss_block(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, int label_offset) "
+        "-> (Tensor row_lse, Tensor col_lse, Tensor pos_logits)");
+  // CLIP backward: recomputes the logits tile by tile. With P_row = exp(x - row_lse[:,None]) and P_col =
+  // exp(x - col_lse[None,:]) (pass the GLOBAL lses to get the gradient of a loss over many blocks), dL/dx =
+  // grad_row_lse[:,None]*P_row + grad_col_lse[None,:]*P_col + grad_pos_logits[i]*[j == i+label_offset];
+  // a None grad drops its term. Returns dL/d(rows, cols) in the input dtype and dL/d(scale, bias) 0-dim.
+  m.def("clip_loss_block_backward(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, "
+        "int label_offset, Tensor row_lse, Tensor col_lse, Tensor? grad_row_lse, Tensor? grad_col_lse, "
+        "Tensor? grad_pos_logits) "
+        "-> (Tensor grad_rows, Tensor grad_cols, Tensor grad_logit_scale, Tensor grad_logit_bias)");
+  // SigLIP: loss_sum (0-dim) = sum_ij softplus(-y_ij * x_ij), y = +1 on the pairs (i, i) when has_positives
+  // (the block holds this rank's own texts), else -1 everywhere (another rank's texts: negatives only).
+  // The gradient dL/dx = sigmoid(x) - [positive] needs no row statistics, so the same pass returns the
+  // gradients of loss_sum w.r.t. rows, cols (input dtype), scale and bias (0-dim); autograd only scales
+  // them by the upstream gradient. compute_grad=False skips the two gradient GEMMs (grads come back empty).
+  m.def("siglip_loss_block(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, bool has_positives, "
+        "bool compute_grad) "
+        "-> (Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_logit_scale, Tensor grad_logit_bias)");
+  // ---- end contrastive losses ----
 }
 
 #ifndef MMFAST_NO_PYTHON

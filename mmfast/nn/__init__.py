@@ -1,4 +1,6 @@
 """Drop-in torch.nn modules whose constructors, forward signatures and state_dict keys match upstream."""
+from mmfast.nn.perceiver import OpenFlamingoPerceiverResampler, PerceiverAttention, PerceiverResampler
 from mmfast.nn.similarity_softmax import SimilaritySoftmax, ZeroShotClassifier
 
-__all__ = ["SimilaritySoftmax", "ZeroShotClassifier"]
+__all__ = ["SimilaritySoftmax", "ZeroShotClassifier", "PerceiverAttention", "PerceiverResampler",
+           "OpenFlamingoPerceiverResampler"]

@@ -1,0 +1,168 @@
+"""mmfast.ops.cross_attention: the fused attention core of the Flamingo Perceiver Resampler and of SAM's
+two-way transformer.
+
+    out = softmax(scale * q @ cat(k, k2)^T) @ cat(v, v2)
+
+Operators (schemas in csrc/mmfast.cpp):
+  mmfast::cross_attention / cross_attention_backward                  C++ CPU kernels
+      (csrc/cpu/cross_attention.cpp); CUDA kernels register under the same names
+  mmfast::cross_attention_triton / cross_attention_backward_triton    Triton kernels, defined by
+      mmfast/triton/cross_attention.py when that module exists
+This file checks arguments, picks the backend, and registers fake impls and autograd for all of them.
+
+Conventions every backend's operators follow (the fake impls below encode them, opcheck checks them):
+  * forward returns (out, lse): out [B, H, Lq, d] in q's dtype, allocated as [B, Lq, H, d] and
+    transposed, so merging the heads afterwards (out.transpose(1, 2).reshape(B, Lq, H * d)) is a view;
+    lse [B, H, Lq] contiguous, the rows' log-sum-exp in fp32 (fp64 for fp64 inputs).
+  * backward returns (grad_q, grad_k, grad_v, grad_k2, grad_v2); each gradient has its input's layout
+    when that layout is dense with a contiguous head dim, else is contiguous; grad_k2/grad_v2 are empty
+    [0] tensors when k2/v2 are None (autograd maps them to None).
+  * inputs are read through their strides and never written.
+
+Extending the core (SAM): q/k/v may be any strided views (heads split by a permute need no copy), K/V
+may be expanded over the batch with stride 0 (one image's keys shared by many prompts), and a second
+key/value segment is attended after the first without concatenating. What the core does not do
+(projections, positional-encoding adds, residual + LayerNorm) belongs in the module around it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import numbers
+
+import torch
+
+from mmfast import backend as _backend
+from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor
+from mmfast.reference.perceiver import perceiver_cross_attention as _reference
+
+OP = "cross_attention"
+# Head dims the kernels take (every kernel backend: the GPU kernels are instantiated for this range).
+# Under backend="auto" other head dims run the reference; a named kernel backend raises.
+HEAD_DIMS = (16, 128)
+
+_NATIVE = ("cross_attention", "cross_attention_backward")
+_TRITON = tuple(n + "_triton" for n in _NATIVE)
+
+
+def _stats_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    """x's layout when dense with a contiguous head dim, else contiguous (as the kernels allocate)."""
+    g = torch.empty_like(x)
+    return g if g.stride(-1) == 1 else x.new_empty(x.shape)
+
+
+# ---- fake (meta) impls: shapes and layouts only, so torch.compile and opcheck can trace -----------------
+def _fake_forward(q, k, v, k2, v2, scale):
+    b, h, lq, d = q.shape
+    return q.new_empty(b, lq, h, d).transpose(1, 2), q.new_empty(b, h, lq, dtype=_stats_dtype(q))
+
+
+def _fake_backward(grad_out, q, k, v, k2, v2, out, lse, scale):
+    grad_k2 = _grad_like(k2) if k2 is not None else q.new_empty(0)
+    grad_v2 = _grad_like(v2) if v2 is not None else q.new_empty(0)
+    return _grad_like(q), _grad_like(k), _grad_like(v), grad_k2, grad_v2
+
+
+# ---- autograd: the backward is the fused backward operator of the same backend ----------------------
+def _register_autograd(names):
+    fwd, bwd = names
+    bwd_op = getattr(torch.ops.mmfast, bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, k2, v2, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, k2, v2, out, lse)
+        ctx.scale, ctx.has_second_segment = scale, k2 is not None
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, k2, v2, out, lse = ctx.saved_tensors
+        gq, gk, gv, gk2, gv2 = bwd_op(grad_out, q, k, v, k2, v2, out, lse, ctx.scale)
+        if not ctx.has_second_segment:
+            gk2 = gv2 = None
+        return gq, gk, gv, gk2, gv2, None
+
+    torch.library.register_autograd(f"mmfast::{fwd}", backward, setup_context=setup_context)
+
+
+def _register(names):
+    for name, fake in zip(names, (_fake_forward, _fake_backward)):
+        torch.library.register_fake(f"mmfast::{name}")(fake)
+    _register_autograd(names)
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    return hasattr(torch.ops.mmfast, name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"mmfast::{name}", dispatch_key)
+
+
+# An extension built before these schemas existed has no mmfast::cross_attention: reference only then.
+_native_defined = _backend._C is not None and all(hasattr(torch.ops.mmfast, n) for n in _NATIVE)
+if _native_defined:
+    _register(_NATIVE)
+_triton_defined = (_backend._triton_error is None
+                   and importlib.util.find_spec("mmfast.triton.cross_attention") is not None)
+if _triton_defined:
+    import mmfast.triton.cross_attention  # noqa: F401  (defines the mmfast::*_triton custom ops)
+    _register(_TRITON)
+
+# The implementations that exist in this process (backend.resolve explains any other request).
+IMPLEMENTATIONS = tuple(name for name, present in (
+    ("cuda", _native_defined and _has_kernel(_NATIVE[0], "CUDA")),
+    ("triton", _triton_defined),
+    ("cpu", _native_defined and _has_kernel(_NATIVE[0], "CPU")),
+    ("reference", True),
+) if present)
+
+
+# ---- the public function ------------------------------------------------------------------------------
+def cross_attention(q, k, v, *, k2=None, v2=None, scale=None, backend=None):
+    """Fused `softmax(scale * q @ cat(k, k2)^T) @ cat(v, v2)` with online softmax (fp32 statistics).
+
+    q [B, H, Lq, d]; k, v [B, H, Lk, d]; optional k2, v2 [B, H, Lk2, d]: a second key/value segment
+    attended after k/v as if concatenated along the tokens (the Perceiver's latents), without building
+    the concatenation. Every length >= 1. scale defaults to d ** -0.5. fp32, fp16 or bf16 (float64 runs
+    the reference); kernels take head dims 16..128. Inputs may be any strided views (permuted, or
+    expanded over B/H with stride 0) and are never modified. Returns [B, H, Lq, d] in q's dtype; from the
+    kernels its memory is [B, Lq, H, d], so `out.transpose(1, 2).reshape(B, Lq, H * d)` is a view.
+    Gradients for q, k, v, k2, v2 come from one fused backward kernel.
+    """
+    q = check_tensor("q", q, 4)
+    k = check_tensor("k", k, 4)
+    v = check_tensor("v", v, 4)
+    if (k2 is None) != (v2 is None):
+        given, missing = ("k2", "v2") if v2 is None else ("v2", "k2")
+        raise ValueError(f"mmfast: {given} was given without {missing}; pass the second key/value segment's "
+                         "k2 and v2 together, or neither")
+    named = [("k", k), ("v", v)]
+    if k2 is not None:
+        named += [("k2", check_tensor("k2", k2, 4)), ("v2", check_tensor("v2", v2, 4))]
+    check_same_device_dtype(("q",) + tuple(n for n, _ in named), q, *(x for _, x in named))
+    for name, x in named:
+        check_dim_match("q", q, 0, name, x, 0, "batch size B")
+        check_dim_match("q", q, 1, name, x, 1, "number of heads H")
+        check_dim_match("q", q, 3, name, x, 3, "head dim d")
+    check_dim_match("k", k, 2, "v", v, 2, "number of keys Lk")
+    if k2 is not None:
+        check_dim_match("k2", k2, 2, "v2", v2, 2, "number of keys Lk2")
+    head_dim = q.shape[-1]
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"mmfast: scale must be a float (or None for d ** -0.5), got {type(scale).__name__}")
+
+    requested = backend if backend is not None else _backend.get_backend()
+    impl = _backend.resolve(OP, IMPLEMENTATIONS, q.device, q.dtype, backend)
+    if impl != "reference" and not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
+        if requested != "auto":
+            raise _backend.BackendUnavailableError(
+                f"mmfast: backend {impl!r} runs head dims {HEAD_DIMS[0]}..{HEAD_DIMS[1]}; q has head dim "
+                f"d={head_dim} (shape {tuple(q.shape)}); use backend='reference'")
+        impl = "reference"
+    if impl == "reference":
+        return _reference(q, k, v, k2, v2, scale=float(scale))
+    names = _TRITON if impl == "triton" else _NATIVE
+    return getattr(torch.ops.mmfast, names[0])(q, k, v, k2, v2, float(scale))[0]
