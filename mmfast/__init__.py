@@ -16,8 +16,9 @@ if _backend_module._C is None:
     _warnings.warn(f"mmfast: the native extension mmfast._C is not available ({_backend_module._C_error}); "
                    "only backend='reference' (and Triton) will run. Build it with `make build`.", stacklevel=2)
 
+from mmfast.ops.contrastive_loss import clip_loss, siglip_loss  # noqa: E402
 from mmfast.ops.cross_attention import cross_attention  # noqa: E402
 from mmfast.ops.similarity_softmax import similarity_softmax  # noqa: E402
 
-__all__ = ["similarity_softmax", "cross_attention", "set_backend", "get_backend", "use_backend", "available_backends",
+__all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "set_backend", "get_backend", "use_backend", "available_backends",
            "BackendUnavailableError", "__version__"]

@@ -1,6 +1,7 @@
 """Drop-in torch.nn modules whose constructors, forward signatures and state_dict keys match upstream."""
+from mmfast.nn.contrastive_loss import ClipLoss, SigLipLoss
 from mmfast.nn.perceiver import OpenFlamingoPerceiverResampler, PerceiverAttention, PerceiverResampler
 from mmfast.nn.similarity_softmax import SimilaritySoftmax, ZeroShotClassifier
 
-__all__ = ["SimilaritySoftmax", "ZeroShotClassifier", "PerceiverAttention", "PerceiverResampler",
+__all__ = ["SimilaritySoftmax", "ZeroShotClassifier", "ClipLoss", "SigLipLoss", "PerceiverAttention", "PerceiverResampler",
            "OpenFlamingoPerceiverResampler"]
