@@ -49,6 +49,24 @@ def assert_close_to_reference(out, ref64, ref_lowp=None, *, name="output", fp32_
     assert problem is None, f"{name}: {problem}"
 
 
+def spawn_and_wait(worker, out_dir, nprocs: int, timeout_s: float) -> None:
+    """Spawn worker(rank, out_dir) in nprocs processes (gloo process-group tests) and wait, failing the
+    test (and terminating the workers) if they have not finished in timeout_s seconds."""
+    import time
+
+    ctx = torch.multiprocessing.start_processes(worker, args=(str(out_dir),), nprocs=nprocs, join=False,
+                                                start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the spawned process group did not finish in {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     """fp32 comparisons assume full-precision matmuls."""

@@ -2,14 +2,13 @@
 ranks: per rank, values and gradients equal the reference modules' (open_clip's math) for every
 (local_loss, gather_with_grad) combination and SigLIP dist_impl, and the ring gives open_clip's
 gather_with_grad=True values and feature gradients with per-rank memory O(B_local * D)."""
-import time
 from datetime import timedelta
 from itertools import product
 
-import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import spawn_and_wait
 from mmfast.nn import ClipLoss, SigLipLoss
 from mmfast.reference import contrastive_loss as ref
 
@@ -95,16 +94,6 @@ def _check_world(world, ranks):
 
 
 def test_distributed_drop_in_losses_match_open_clip(tmp_path):
-    ctx = torch.multiprocessing.start_processes(_worker, args=(str(tmp_path),), nprocs=max(WORLDS),
-                                                join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the gloo process groups did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_and_wait(_worker, tmp_path, max(WORLDS), 120)
     for world in WORLDS:
         _check_world(world, [torch.load(tmp_path / f"world{world}_rank{r}.pt") for r in range(world)])

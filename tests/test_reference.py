@@ -5,7 +5,6 @@ out literally, and the distributed loss paths on 2- and 3-process gloo groups (s
 in tmp_path, bounded by a 90 s deadline).
 """
 import math
-import time
 from datetime import timedelta
 from itertools import product
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from conftest import spawn_and_wait
 from mmfast.reference import contrastive_loss as cl
 from mmfast.reference import perceiver as pr
 from mmfast.reference import sam_attention as sam
@@ -461,16 +461,6 @@ def _check_against_single_process(world, ranks):
 
 
 def test_distributed_losses_match_single_process(tmp_path):
-    ctx = torch.multiprocessing.start_processes(_dist_worker, args=(str(tmp_path),), nprocs=max(WORLDS),
-                                                join=False, start_method="spawn")
-    deadline = time.monotonic() + 90
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the gloo process groups did not finish in 90 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_and_wait(_dist_worker, tmp_path, max(WORLDS), 90)
     for world in WORLDS:
         _check_against_single_process(world, [torch.load(tmp_path / f"world{world}_rank{r}.pt") for r in range(world)])

@@ -86,10 +86,7 @@ void check_block(const Tensor& rows, const Tensor& cols) {
 
 // logit_scale / logit_bias: 0-dim or [1] floating tensors on the features' device.
 double scalar_value(const Tensor& value, const char* name, const Tensor& rows) {
-  MMFAST_CHECK(value.numel() == 1 && value.dim() <= 1, name, " must be a 0-dim or shape-[1] tensor, got shape ",
-               value.sizes());
-  MMFAST_CHECK(value.is_floating_point(), name, " must be a floating tensor, got ", value.scalar_type());
-  MMFAST_CHECK(value.device() == rows.device(), name, " is on ", value.device(), " but rows is on ", rows.device());
+  check_scalar_tensor(value, name, rows);
   return value.item<double>();
 }
 

@@ -49,10 +49,7 @@ void check_features(const Tensor& image, const Tensor& text) {
 }
 
 float scalar_arg(const Tensor& value, const char* name, const Tensor& image) {
-  MMFAST_CHECK(value.numel() == 1 && value.dim() <= 1, name, " must be a 0-dim or shape-[1] tensor, got shape ",
-               value.sizes());
-  MMFAST_CHECK(value.is_floating_point(), name, " must be a floating tensor, got ", value.scalar_type());
-  MMFAST_CHECK(value.device() == image.device(), name, " is on ", value.device(), " but image is on ", image.device());
+  check_scalar_tensor(value, name, image);
   return value.item().toFloat();
 }
 

@@ -106,11 +106,7 @@ void check_features(const at::Tensor& image, const at::Tensor& text) {
 // A 0-dim / [1] scalar on the features' device as a 0-dim fp32 tensor (a no-op for what the Python
 // layer passes; a float64 scalar is converted on the device, without a sync).
 at::Tensor scalar_arg(const at::Tensor& value, const char* name, const at::Tensor& like) {
-  MMFAST_CHECK(value.numel() == 1 && value.dim() <= 1, name, " must be a 0-dim or shape-[1] tensor, got shape ",
-               value.sizes());
-  MMFAST_CHECK(value.is_floating_point(), name, " must be a floating tensor, got ", value.scalar_type());
-  MMFAST_CHECK(value.device() == like.device(), name, " is on ", value.device(), " but the features are on ",
-               like.device());
+  check_scalar_tensor(value, name, like);
   return value.reshape({}).to(at::kFloat).contiguous();
 }
 

@@ -35,6 +35,16 @@ inline Activation parse_activation(c10::string_view name) {
   TORCH_CHECK(false, "mmfast: activation must be 'softmax', 'sigmoid' or 'none', got '", std::string(name), "'");
 }
 
+// logit_scale / logit_bias: a 0-dim or shape-[1] floating tensor on the features' device. `name` is the
+// argument's name in the error.
+inline void check_scalar_tensor(const at::Tensor& value, const char* name, const at::Tensor& features) {
+  MMFAST_CHECK(value.numel() == 1 && value.dim() <= 1, name, " must be a 0-dim or shape-[1] tensor, got shape ",
+               value.sizes());
+  MMFAST_CHECK(value.is_floating_point(), name, " must be a floating tensor, got ", value.scalar_type());
+  MMFAST_CHECK(value.device() == features.device(), name, " is on ", value.device(), " but the features are on ",
+               features.device());
+}
+
 // F.normalize's eps: rows are divided by max(||row||, eps), so a zero row gives a zero vector.
 constexpr float kNormalizeEps = 1e-12f;
 
