@@ -49,6 +49,24 @@ def assert_close_to_reference(out, ref64, ref_lowp=None, *, name="output", fp32_
     assert problem is None, f"{name}: {problem}"
 
 
+def save_results_per_world(rank: int, out_dir, worlds, compute) -> None:
+    """In a spawned worker: for each world size in `worlds` that includes `rank`, join a gloo group
+    (file:// rendezvous in out_dir) and save compute(rank, world) to out_dir/world{W}_rank{R}.pt."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    for world in worlds:
+        if rank >= world:
+            continue
+        dist.init_process_group("gloo", init_method=f"file://{out_dir}/init{world}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        try:
+            torch.save(compute(rank, world), f"{out_dir}/world{world}_rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+
+
 def spawn_and_wait(worker, out_dir, nprocs: int, timeout_s: float) -> None:
     """Spawn worker(rank, out_dir) in nprocs processes (gloo process-group tests) and wait, failing the
     test (and terminating the workers) if they have not finished in timeout_s seconds."""

@@ -2,13 +2,11 @@
 ranks: per rank, values and gradients equal the reference modules' (open_clip's math) for every
 (local_loss, gather_with_grad) combination and SigLIP dist_impl, and the ring gives open_clip's
 gather_with_grad=True values and feature gradients with per-rank memory O(B_local * D)."""
-from datetime import timedelta
 from itertools import product
 
 import torch
-import torch.distributed as dist
 
-from conftest import spawn_and_wait
+from conftest import save_results_per_world, spawn_and_wait
 from mmfast.nn import ClipLoss, SigLipLoss
 from mmfast.reference import contrastive_loss as ref
 
@@ -55,15 +53,7 @@ def _rank_results(rank, world):
 
 
 def _worker(rank, out_dir):
-    for world in WORLDS:
-        if rank >= world:
-            continue
-        dist.init_process_group("gloo", init_method=f"file://{out_dir}/init{world}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        try:
-            torch.save(_rank_results(rank, world), f"{out_dir}/world{world}_rank{rank}.pt")
-        finally:
-            dist.destroy_process_group()
+    save_results_per_world(rank, out_dir, WORLDS, _rank_results)
 
 
 def _close(a, b, what):

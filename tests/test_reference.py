@@ -5,15 +5,13 @@ out literally, and the distributed loss paths on 2- and 3-process gloo groups (s
 in tmp_path, bounded by a 90 s deadline).
 """
 import math
-from datetime import timedelta
 from itertools import product
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from conftest import spawn_and_wait
+from conftest import save_results_per_world, spawn_and_wait
 from mmfast.reference import contrastive_loss as cl
 from mmfast.reference import perceiver as pr
 from mmfast.reference import sam_attention as sam
@@ -410,15 +408,7 @@ def _rank_losses(rank, world):
 
 
 def _dist_worker(rank, out_dir):
-    for world in WORLDS:
-        if rank >= world:
-            continue
-        dist.init_process_group("gloo", init_method=f"file://{out_dir}/init{world}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        try:
-            torch.save(_rank_losses(rank, world), f"{out_dir}/world{world}_rank{rank}.pt")
-        finally:
-            dist.destroy_process_group()
+    save_results_per_world(rank, out_dir, WORLDS, _rank_losses)
 
 
 def _check_against_single_process(world, ranks):
