@@ -101,6 +101,22 @@ def _logits_tile(img_ptr, txt_ptr, offs_m, offs_c, row_ok, col_ok, inv_i, inv_c,
 
 
 @triton.jit
+def _ds_row_stats(offs_m, row_ok, delta_ptr, lse_ptr, ACT: tl.constexpr, FROM_TOPK: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """The per-row statistics a ds tile needs: delta = rowsum(g * p) (softmax) and, for top-k softmax,
+    the row log-sum-exp that rebuilds p; zeros where the activation needs none."""
+    if ACT == ACT_SOFTMAX:
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    else:
+        delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if FROM_TOPK and ACT == ACT_SOFTMAX:
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return delta, lse
+
+
+@triton.jit
 def _ds_tile(offs_m, offs_c, row_ok, col_ok, delta, lse,
              g_ptr, p_ptr, idx_ptr, s_gm, s_gc, s_pm, s_pc, K,
              img_ptr, txt_ptr, inv_i, inv_c, scale, bias, D, s_im, s_id, s_tc, s_td,
@@ -455,14 +471,7 @@ def _bwd_image_side_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bi
     inv_i = tl.load(inv_i_ptr + offs_m, mask=row_ok, other=1.0)
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
-    if ACT == ACT_SOFTMAX:
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-    else:
-        delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if FROM_TOPK and ACT == ACT_SOFTMAX:
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-    else:
-        lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    delta, lse = _ds_row_stats(offs_m, row_ok, delta_ptr, lse_ptr, ACT, FROM_TOPK, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     ds_rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -505,14 +514,7 @@ def _bwd_text_side_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bia
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         inv_i = tl.load(inv_i_ptr + offs_m, mask=row_ok, other=1.0)
-        if ACT == ACT_SOFTMAX:
-            delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-        else:
-            delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if FROM_TOPK and ACT == ACT_SOFTMAX:
-            lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-        else:
-            lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        delta, lse = _ds_row_stats(offs_m, row_ok, delta_ptr, lse_ptr, ACT, FROM_TOPK, BLOCK_M)
         ds = _ds_tile(offs_m, offs_c, row_ok, col_ok, delta, lse, g_ptr, p_ptr, idx_ptr, s_gm, s_gc, s_pm, s_pc, K,
                       img_ptr, txt_ptr, inv_i, inv_c, scale, bias, D, s_im, s_id, s_tc, s_td,
                       ACT, FROM_TOPK, HAS_BIAS, BLOCK_M, BLOCK_C, BLOCK_D, PRECISION)
