@@ -18,7 +18,8 @@ if _backend_module._C is None:
 
 from mmfast.ops.contrastive_loss import clip_loss, siglip_loss  # noqa: E402
 from mmfast.ops.cross_attention import cross_attention  # noqa: E402
+from mmfast.ops.sam_attention import sam_attention  # noqa: E402
 from mmfast.ops.similarity_softmax import similarity_softmax  # noqa: E402
 
-__all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "set_backend", "get_backend", "use_backend", "available_backends",
+__all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "sam_attention", "set_backend", "get_backend", "use_backend", "available_backends",
            "BackendUnavailableError", "__version__"]

@@ -3,6 +3,11 @@
 Mirrors segment-anything 1.0 (`segment_anything/modeling/transformer.py` and `common.py`'s MLPBlock):
 same constructors, state_dict keys and forward math. The attention core the kernels implement is
 `sam_attention_core`: softmax(q @ k.T * scale) @ v per head.
+
+SAM2 (`sam2/modeling/sam/transformer.py`, `sam2_utils.MLP`) has the same block and transformer math;
+it differs in its Attention (`dropout`, `kv_in_dim`, F.scaled_dot_product_attention) and its MLP
+(`layers.0/1` keys). The Sam2* classes below swap those two parts through the `attention_cls` /
+`make_mlp` hooks, so the block and transformer forward exist once.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -74,18 +80,25 @@ class TwoWayAttentionBlock(nn.Module):
     (4) image -> tokens cross-attention; a LayerNorm after each. With skip_first_layer_pe (the first
     layer) step 1 gets no positional encoding and no residual."""
 
+    attention_cls = Attention  # the parts SAM2 and mmfast.nn swap; the forward below is shared
+
+    @staticmethod
+    def make_mlp(embedding_dim: int, mlp_dim: int, activation: Type[nn.Module]) -> nn.Module:
+        return MLPBlock(embedding_dim, mlp_dim, activation)
+
     def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int = 2048,
                  activation: Type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2,
                  skip_first_layer_pe: bool = False) -> None:
         super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
+        attention = self.attention_cls
+        self.self_attn = attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
+        self.cross_attn_token_to_image = attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
+        self.mlp = self.make_mlp(embedding_dim, mlp_dim, activation)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
+        self.cross_attn_image_to_token = attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
@@ -112,6 +125,8 @@ class TwoWayTransformer(nn.Module):
     """forward(image_embedding [B, C, H, W], image_pe [B, C, H, W], point_embedding [B, Nq, C])
     -> (queries [B, Nq, C], keys [B, H*W, C])."""
 
+    block_cls = TwoWayAttentionBlock
+
     def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
                  activation: Type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2) -> None:
         super().__init__()
@@ -120,11 +135,12 @@ class TwoWayTransformer(nn.Module):
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim,
+            self.block_cls(embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim,
                                  activation=activation, attention_downsample_rate=attention_downsample_rate,
                                  skip_first_layer_pe=(i == 0))
             for i in range(depth))
-        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
+        self.final_attn_token_to_image = self.block_cls.attention_cls(
+            embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
@@ -137,3 +153,56 @@ class TwoWayTransformer(nn.Module):
         k = keys + image_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=k, v=keys))
         return queries, keys
+
+
+# ---- SAM2 (sam2/modeling/sam/transformer.py, sam2/modeling/sam2_utils.py) ------------------------------
+class Sam2MLP(nn.Module):
+    """sam2_utils.MLP: num_layers Linears in `layers` (keys layers.0, layers.1, ...), activation between
+    them, optional sigmoid on the output."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
+                 activation: Type[nn.Module] = nn.ReLU, sigmoid_output: bool = False) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        hidden = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim]))
+        self.sigmoid_output = sigmoid_output
+        self.act = activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = self.act(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x
+
+
+class Sam2Attention(Attention):
+    """SAM2's Attention: k_proj/v_proj read kv_in_dim channels (default embedding_dim); attention is
+    F.scaled_dot_product_attention with dropout_p = dropout while training."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, dropout: float = 0.0,
+                 kv_in_dim: int = None) -> None:
+        super().__init__(embedding_dim, num_heads, downsample_rate)
+        self.kv_in_dim = kv_in_dim if kv_in_dim is not None else embedding_dim
+        if self.kv_in_dim != embedding_dim:
+            self.k_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+            self.v_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.dropout_p = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.out_proj(self._recombine_heads(out))
+
+
+class Sam2TwoWayAttentionBlock(TwoWayAttentionBlock):
+    attention_cls = Sam2Attention
+
+    @staticmethod
+    def make_mlp(embedding_dim: int, mlp_dim: int, activation: Type[nn.Module]) -> nn.Module:
+        return Sam2MLP(embedding_dim, mlp_dim, embedding_dim, num_layers=2, activation=activation)
+
+
+class Sam2TwoWayTransformer(TwoWayTransformer):
+    block_cls = Sam2TwoWayAttentionBlock

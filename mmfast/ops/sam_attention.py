@@ -1,0 +1,207 @@
+"""mmfast.ops.sam_attention: SAM's mask-decoder attention (segment-anything / SAM2 `Attention`), with
+the work rearranged for its shapes.
+
+    out = out_proj(attention(q_proj(q), k_proj(k), v_proj(v)))      [+ residual, then LayerNorm]
+
+SAM's cross-attentions pair a few prompt tokens (Nq = 5 + prompts, 7 for one point) with 4096 image
+tokens, 8 heads of dimension 16 (internal dim 128 for C = 256). Most of upstream's time goes to the
+four 4096 x 256 x 128 projections of the image side and to head split/merge copies, not to attention
+(DESIGN.md section 7: copies 30%, adds 18%, GEMMs 36% at B=16). Three exact rearrangements of the
+same math, chosen per call by shape (`plan`):
+
+* "few queries" (token -> image, Lq < head dim): the keys' projection is folded into the queries,
+  scores_h = (q_h Wk_h) k_in^T + q_h . bk_h, and the values' projection is applied after the
+  attention, out_h = (P_h v_in) Wv_h^T + bv_h (rows of P sum to 1). The image side costs two
+  4096 x 256 x (H*Lq) GEMMs (H*Lq = 56 for SAM) instead of two 4096 x 256 x 128 projections plus
+  attention, and no [B, H, 4096, d] key/value tensors exist.
+* "few keys" (image -> token, Lk < head dim): the query projection is folded into the keys,
+  scores = q_in @ M + c with M[:, h*Lk + j] = Wq_h^T k_hj (the weight absorption of MLA), and the
+  output projection into the values, out = P @ N + bo with N[h*Lk + j] = Wo_h v_hj; bo is added to
+  N's rows as bo / H (each head's probabilities sum to 1), and a residual is the GEMM's C input
+  (baddbmm), so the image side is one 4096 x 256 x (H*Lk) GEMM, a softmax over groups of Lk, and one
+  4096 x (H*Lk) x 256 GEMM writing residual + output.
+* "shared" (SAM's many prompts on one image): an operand with batch 1 while the other has batch B is
+  the same for every prompt: its projections run once. Shared keys/values go to the attention core
+  expanded over B (stride 0, no copy); shared queries with few keys are projected once and the
+  per-prompt scores are [4096, d] x [d, Lk] products.
+* otherwise "projected": project, the attention core (mmfast.cross_attention on strided head views:
+  no split/merge copies), out_proj (addmm with the residual).
+All are differentiable (torch autograd through GEMMs/softmax and the core's fused backward).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.ops._checks import check_same_device_dtype, check_tensor
+from mmfast.ops.cross_attention import cross_attention
+
+
+class Projections(NamedTuple):
+    """The four Linears of SAM's Attention as (weight, bias) tensors: weight [out, in], bias [out]."""
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+
+    @classmethod
+    def of(cls, attention) -> "Projections":
+        """From a module with q_proj, k_proj, v_proj, out_proj (segment-anything / SAM2 Attention)."""
+        return cls(attention.q_proj.weight, attention.q_proj.bias, attention.k_proj.weight, attention.k_proj.bias,
+                   attention.v_proj.weight, attention.v_proj.bias, attention.out_proj.weight, attention.out_proj.bias)
+
+
+def plan(batch_q: int, batch_kv: int, lq: int, lk: int, head_dim: int) -> str:
+    """Which arrangement sam_attention uses (see the module docstring). Folding the long side's projection
+    into the short side replaces its L_long x C x (H*d) GEMM by an L_long x C x (H*L_short) one: cheaper
+    while L_short < d < L_long (self-attention of the few tokens gains nothing: projected)."""
+    if batch_kv == 1 and batch_q > 1:
+        return "shared_kv"
+    if batch_q == 1 and batch_kv > 1:
+        return "shared_q_few_keys" if lk < head_dim else "projected"
+    if lq < head_dim < lk:
+        return "few_queries"
+    if lk < head_dim < lq:
+        return "few_keys"
+    return "projected"
+
+
+def _check(q, k, v, p: Projections, num_heads: int, residual):
+    q = check_tensor("q", q, 3)
+    k = check_tensor("k", k, 3)
+    v = check_tensor("v", v, 3)
+    tensors = (("q", q), ("k", k), ("v", v)) + tuple(zip(Projections._fields, p))
+    if residual is not None:
+        tensors += (("residual", check_tensor("residual", residual, 3)),)
+    check_same_device_dtype(tuple(n for n, _ in tensors), *(t for _, t in tensors))
+    internal, c_q = p.q_weight.shape
+    if q.shape[-1] != c_q:
+        raise ValueError(f"mmfast: q has {q.shape[-1]} channels but q_proj takes {c_q}")
+    if k.shape[-1] != p.k_weight.shape[1] or v.shape[-1] != p.v_weight.shape[1]:
+        raise ValueError(f"mmfast: k {tuple(k.shape)} / v {tuple(v.shape)} channels do not match k_proj/v_proj "
+                         f"inputs ({p.k_weight.shape[1]}, {p.v_weight.shape[1]})")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"mmfast: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same batch and tokens")
+    if num_heads <= 0 or internal % num_heads != 0:
+        raise ValueError(f"mmfast: num_heads ({num_heads}) must divide the internal dim ({internal})")
+    bq, bkv = q.shape[0], k.shape[0]
+    if bq != bkv and 1 not in (bq, bkv):
+        raise ValueError(f"mmfast: q has batch {bq} and k/v have batch {bkv}: they must match, or one of them is "
+                         "1 (one image shared by all prompts)")
+    if residual is not None:
+        want = (max(bq, bkv), q.shape[1], p.out_weight.shape[0])
+        if tuple(residual.shape) not in (want, (1,) + want[1:]):
+            raise ValueError(f"mmfast: residual has shape {tuple(residual.shape)}, expected {want}")
+
+
+def _merge_heads_out(out_heads: torch.Tensor, p: Projections, residual) -> torch.Tensor:
+    """[B, L, H, d] (any strides) -> out_proj(...) [+ residual]."""
+    out = F.linear(out_heads.reshape(*out_heads.shape[:2], -1), p.out_weight, p.out_bias)
+    return out if residual is None else out + residual
+
+
+def _few_queries(q, k, v, p: Projections, heads: int, scale: float, residual):
+    b, lq, _ = q.shape
+    internal, c_kv = p.k_weight.shape
+    d = internal // heads
+    qp = F.linear(q, p.q_weight, p.q_bias).view(b, lq, heads, d) * scale
+    q_folded = torch.einsum("blhd,hdc->bhlc", qp, p.k_weight.view(heads, d, c_kv)).reshape(b, heads * lq, c_kv)
+    q_bias = torch.einsum("blhd,hd->bhl", qp, p.k_bias.view(heads, d)).reshape(b, heads * lq, 1)
+    scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2))          # [B, H*Lq, Lk]
+    attended = torch.bmm(torch.softmax(scores, dim=-1), v)              # [B, H*Lq, C_kv]
+    out = torch.einsum("bhlc,hdc->blhd", attended.view(b, heads, lq, c_kv), p.v_weight.view(heads, d, c_kv))
+    return _merge_heads_out(out + p.v_bias.view(heads, d), p, residual)
+
+
+def _project_kv_heads(k, v, p: Projections, heads: int):
+    """The projected keys and values as [B, Lk, H, d] views."""
+    b, lk, _ = k.shape
+    d = p.k_weight.shape[0] // heads
+    return (F.linear(k, p.k_weight, p.k_bias).view(b, lk, heads, d),
+            F.linear(v, p.v_weight, p.v_bias).view(b, lk, heads, d))
+
+
+def _out_proj_into_values(vp: torch.Tensor, p: Projections) -> torch.Tensor:
+    """N [B, H*Lk, C] with N[h*Lk + j] = Wo_h v_hj + bo / H, so P @ N = out_proj(attention) when each
+    head's probabilities sum to 1. vp: projected values [B, Lk, H, d]."""
+    b, lk, heads, d = vp.shape
+    c_out = p.out_weight.shape[0]
+    n = torch.einsum("bjhd,ehd->bhje", vp, p.out_weight.view(c_out, heads, d)).reshape(b, heads * lk, c_out)
+    return n + p.out_bias / heads
+
+
+def _attend_few_keys(scores_t: torch.Tensor, vp: torch.Tensor, p: Projections, residual) -> torch.Tensor:
+    """scores_t [B, H, Lk, Lq] (keys before queries: torch's softmax over a short last dim is ~13x slower,
+    158 vs 12 ms at [16, 4096, 8, 7] on the 2-core CPU, than over a middle dim with Lq inner) ->
+    softmax over the keys, then P @ N (+ residual as the GEMM's C input) [B, Lq, C]."""
+    b, heads, lk, lq = scores_t.shape
+    probs = torch.softmax(scores_t, dim=2).reshape(b, heads * lk, lq).transpose(1, 2)
+    n = _out_proj_into_values(vp, p)
+    if residual is None:
+        return torch.bmm(probs, n)
+    return torch.baddbmm(residual.expand(b, -1, -1), probs, n)
+
+
+def _few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
+    kp, vp = _project_kv_heads(k, v, p, heads)
+    b, lk, _, d = kp.shape
+    c_q = p.q_weight.shape[1]
+    # M^T [B, H*Lk, C_q]: the query projection folded into the keys; c: its bias's share of the scores.
+    m_t = torch.einsum("hdc,bjhd->bhjc", p.q_weight.view(heads, d, c_q), kp).reshape(b, heads * lk, c_q) * scale
+    c = torch.einsum("hd,bjhd->bhj", p.q_bias.view(heads, d), kp).reshape(b, heads * lk, 1) * scale
+    scores_t = torch.baddbmm(c, m_t, q.transpose(1, 2))                          # [B, H*Lk, Lq]
+    return _attend_few_keys(scores_t.view(b, heads, lk, -1), vp, p, residual)
+
+
+def _shared_q_few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
+    """q (the image) has batch 1: project it once; per prompt only the [Lk, d] x [d, Lq] head products."""
+    kp, vp = _project_kv_heads(k, v, p, heads)
+    d = kp.shape[-1]
+    qp = F.linear(q[0], p.q_weight, p.q_bias).view(q.shape[1], heads, d) * scale          # [Lq, H, d]
+    scores_t = torch.einsum("bjhd,nhd->bhjn", kp, qp)                                     # [B, H, Lk, Lq]
+    return _attend_few_keys(scores_t, vp, p, residual)
+
+
+def _projected(q, k, v, p: Projections, heads: int, scale: float, residual, backend):
+    b = max(q.shape[0], k.shape[0])
+    lq = q.shape[1]
+    d = p.q_weight.shape[0] // heads
+    qh = F.linear(q, p.q_weight, p.q_bias).view(q.shape[0], lq, heads, d).expand(b, -1, -1, -1)
+    kh, vh = _project_kv_heads(k, v, p, heads)
+    kh, vh = kh.expand(b, -1, -1, -1), vh.expand(b, -1, -1, -1)   # shared keys: stride 0, no copy
+    out = cross_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), scale=scale, backend=backend)
+    return _merge_heads_out(out.transpose(1, 2), p, residual)
+
+
+def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections: Projections, num_heads: int, *,
+                  residual: Optional[torch.Tensor] = None, norm: Optional[tuple] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """segment-anything's Attention(q, k, v) with its weights in `projections`, then optionally
+    `+ residual` and `LayerNorm(norm_weight, norm_bias, eps)` given as norm=(weight, bias, eps).
+
+    q [B, Lq, C], k/v [B, Lk, C_kv]; q or k/v may have batch 1 while the other has B (one image shared
+    by B prompts: its projections run once, results as if it were repeated). Any strides. The scale is
+    head_dim ** -0.5 as upstream. `backend` selects the attention core's backend where the core runs.
+    """
+    _check(q, k, v, projections, num_heads, residual)
+    head_dim = projections.q_weight.shape[0] // num_heads
+    scale = head_dim ** -0.5
+    arrangement = plan(q.shape[0], k.shape[0], q.shape[1], k.shape[1], head_dim)
+    if backend == "reference" or arrangement == "projected" or arrangement == "shared_kv":
+        out = _projected(q, k, v, projections, num_heads, scale, residual, backend)
+    elif arrangement == "few_queries":
+        out = _few_queries(q, k, v, projections, num_heads, scale, residual)
+    elif arrangement == "few_keys":
+        out = _few_keys(q, k, v, projections, num_heads, scale, residual)
+    else:
+        out = _shared_q_few_keys(q, k, v, projections, num_heads, scale, residual)
+    if norm is not None:
+        weight, bias, eps = norm
+        out = F.layer_norm(out, weight.shape, weight, bias, eps)
+    return out
