@@ -12,9 +12,10 @@
 #   5. compute-sanitizer memcheck of each CUDA op, tiny shapes  -> sanitizer.log
 #   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s        -> ceilings.txt
 #   7. python3 -m mmfast bench --quick --device cuda            -> bench.log, RESULTS.md,
-#                                                                  results/<gpu>/<op>.csv and .png
-# That is 8 files (the device runner brings back at most 8); with a second op benchmarked, pass
-# BENCH_ARGS="--op <name>" to stay within it. The stage statuses end gpu_check.log and the output.
+#                                                                  results.tar.gz (every op's CSV + PNG)
+# That is 7 files (the device runner brings back at most 8): the per-op CSVs and plots travel packed in
+# one tarball (unpack it into benchmarks/). Every op is benchmarked unless BENCH_ARGS names some
+# (BENCH_ARGS="--op sam_attention --op cross_attention"). The stage statuses end gpu_check.log and the output.
 set -u
 
 if [ $# -ne 1 ]; then
@@ -120,7 +121,7 @@ EOF
 stage nvidia-smi 15 "$LOG" nvidia-smi
 stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 stage info 40 "$LOG" "$PY" -m mmfast info
-stage pytest 120 "$OUT/pytest.log" "$PY" -m pytest tests -q -x -k cuda -p no:cacheprovider
+stage pytest 180 "$OUT/pytest.log" "$PY" -m pytest tests -q -x -k cuda -p no:cacheprovider
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
     stage sanitizer 90 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -132,6 +133,9 @@ fi
 stage ceilings 45 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
 stage bench 600 "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
+if [ -d "$OUT/results" ]; then  # one file back instead of two per op
+    tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
+fi
 
 {
     echo "=== summary"

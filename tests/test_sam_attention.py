@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, backend_device_params, rel_err
+from conftest import DEVICES, assert_close_to_reference, backend_device_params, rel_err
 from mmfast.nn import sam_attention as fused
 from mmfast.ops import cross_attention as ca
 from mmfast.ops import sam_attention as ops
@@ -305,3 +305,24 @@ def test_two_way_transformer_bad_input():
         model(image, pe, torch.randn(2, 7, 32))
     with pytest.raises(ValueError, match="image_embedding"):
         model(image.flatten(2), pe, points)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"] or
+                         [pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device here"))])
+def test_two_way_transformer_on_gpu(device, dtype):
+    """The drop-in on a GPU (auto backend) vs the float64 reference on the CPU: SAM's real size, 4 prompts
+    on one image (the shared path) and 4 different images."""
+    model, model_ref = pair(fused.TwoWayTransformer, ref.TwoWayTransformer, 2, 256, 8, 2048, seed=19)
+    model.to(device, dtype)
+    model_lowp = copy.deepcopy(model_ref).to(device, dtype)
+    model_ref.double()
+    for shared in (True, False):
+        inputs = transformer_inputs(4, 256, 64, 64, 7, seed=20, shared_image=shared)
+        with torch.no_grad():
+            out = model(*[x.to(device, dtype) for x in inputs])
+            out_lowp = model_lowp(*[x.to(device, dtype) for x in inputs])
+            out64 = model_ref(*[x.double() for x in inputs])
+        for i, (o, o_lp, o64) in enumerate(zip(out, out_lowp, out64)):
+            assert_close_to_reference(o.cpu(), o64, o_lp.cpu() if dtype in LOW_PRECISION else None,
+                                      name=f"output {i} (shared image: {shared})")
