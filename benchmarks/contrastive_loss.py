@@ -6,22 +6,60 @@ logit matrices: 6 B x B x D GEMMs where the fused loss needs 4, so the floor is 
 B=4096, D=512 at least 1.7x faster (loss and gradients from one pass of 3 GEMMs). Floor: the bare GEMM
 image @ text.T (its backward is the two gradient GEMMs). Peak memory is the point too: the fused
 losses keep no B x B buffer.
+
+The scaling sweep (issue 3 item 8): series "sweep fp32 D=128", fp32 forward+backward at B = 1k .. 64k
+(not in --quick), plotted as time and peak memory vs B (results/<device>/<op>-sweep-fp32-D-128.png):
+
+    python -m mmfast bench --op clip_loss --op siglip_loss --cases sweep
+
+D=128 keeps the FLOPs affordable on 2 cores (mmfast's CLIP loss at B=64k: 4 GEMMs of 64k x 64k x 128,
+~4.4 TFLOP). open_clip's formula holds ~6 (CLIP) / ~10 (SigLIP) B x B buffers at its peak (measured at
+B=1-2k: 5.1-6.1 and 8.5-9.5), 16 GB each at B=64k in fp32, so above the runner's memory limit eager and
+compile are skipped and the float64 oracle is replaced by mmfast's own CPU block operators run in float64
+(O(B*D) memory; tests/test_contrastive_loss.py checks them against the reference, gradcheck included,
+and tests/test_bench.py checks these two oracles against the float64 reference at a small B). The sweep
+has no GEMM floor: image @ text.T is itself a B x B buffer.
 """
 import torch
 
 import mmfast
-from mmfast.bench import Case, Target, register
+from mmfast.bench import MODES, Case, Target, register
+from mmfast.ops._checks import scalar_tensor
 from mmfast.ops.contrastive_loss import IMPLEMENTATIONS
 from mmfast.reference import contrastive_loss as ref
 
 SCALE = 100.0  # open_clip's exp(logit_scale) at the end of training (its clamp)
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's init: t' = 10, b = -10
+REFERENCE_BUFFERS = {"clip_loss": 6, "siglip_loss": 10}  # B x B buffers at the reference's fwd+bwd peak
+SWEEP_B = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+SWEEP_D = 128
+ORACLE_LABEL = "mmfast's CPU block operator in float64"
 
 
 def _gemm(image, text):
     return image @ text.T
 
 
-def _case(op: str, dtype: torch.dtype, batch: int, dim: int, targets=(), quick=True) -> Case:
+# The substitute oracles: mmfast.clip_loss / siglip_loss's own formulas on the CPU block operators, which
+# run float64 (the public functions send float64 to the reference backend, which would not fit).
+def _clip_cpu64(image, text):
+    row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block(image, text, scalar_tensor("logit_scale", SCALE, image),
+                                                             None, 0)
+    return ((row_lse - pos).sum() + (col_lse - pos).sum()) / (2 * image.shape[0])
+
+
+def _siglip_cpu64(image, text):
+    compute_grad = torch.is_grad_enabled() and (image.requires_grad or text.requires_grad)
+    loss_sum = torch.ops.mmfast.siglip_loss_block(image, text, scalar_tensor("logit_scale", SIGLIP_SCALE, image),
+                                                  scalar_tensor("logit_bias", SIGLIP_BIAS, image), True,
+                                                  compute_grad)[0]
+    return loss_sum / image.shape[0]
+
+
+SUBSTITUTE_ORACLES = {"clip_loss": _clip_cpu64, "siglip_loss": _siglip_cpu64}
+
+
+def _case(op: str, dtype: torch.dtype, batch: int, dim: int, targets=(), quick=True, series=None) -> Case:
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
     def make_inputs(device):
@@ -38,15 +76,26 @@ def _case(op: str, dtype: torch.dtype, batch: int, dim: int, targets=(), quick=T
             return mmfast.clip_loss(image, text, SCALE, backend=backend)
     else:
         def reference(image, text):
-            return ref.siglip_loss(image, text, 10.0, -10.0)  # SigLIP's init: t' = 10, b = -10
+            return ref.siglip_loss(image, text, SIGLIP_SCALE, SIGLIP_BIAS)
 
         def fused(image, text, backend):
-            return mmfast.siglip_loss(image, text, 10.0, -10.0, backend=backend)
+            return mmfast.siglip_loss(image, text, SIGLIP_SCALE, SIGLIP_BIAS, backend=backend)
 
-    return Case(op=op, label=f"{short} B={batch} D={dim}", dtype=dtype, x_name="B", x_value=batch,
-                params={"B": batch, "D": dim}, make_inputs=make_inputs, reference=reference, mmfast=fused,
-                backends=IMPLEMENTATIONS, grad_inputs=("image", "text"), floors={"gemm": _gemm},
-                targets=tuple(targets), quick=quick)
+    def reference_bytes(ref_dtype):
+        return REFERENCE_BUFFERS[op] * batch * batch * ref_dtype.itemsize
+
+    sweep = series is not None
+    return Case(op=op, label=f"{'sweep ' if sweep else ''}{short} B={batch} D={dim}", dtype=dtype, x_name="B",
+                x_value=batch, params={"B": batch, "D": dim}, make_inputs=make_inputs, reference=reference,
+                mmfast=fused, backends=IMPLEMENTATIONS, grad_inputs=("image", "text"),
+                floors={} if sweep else {"gemm": _gemm}, modes=("full",) if sweep else MODES,
+                targets=tuple(targets), quick=quick, series=series, reference_bytes=reference_bytes,
+                substitute_oracle=SUBSTITUTE_ORACLES[op], substitute_label=ORACLE_LABEL)
+
+
+def sweep_cases(op: str) -> list[Case]:
+    """The scaling sweep: fp32 forward+backward at B = 1k .. 64k, D=128, one series."""
+    return [_case(op, torch.float32, b, SWEEP_D, quick=False, series=f"sweep fp32 D={SWEEP_D}") for b in SWEEP_B]
 
 
 @register("clip_loss")
@@ -54,11 +103,11 @@ def clip_cases(device: str, quick: bool) -> list[Case]:
     faster = Target(">= 1.6x faster than open_clip's formula", "eager", 1.6, ("full",))
     return [_case("clip_loss", torch.float32, 8192, 768, targets=[faster]),
             _case("clip_loss", torch.bfloat16, 8192, 768, quick=False),
-            _case("clip_loss", torch.float32, 4096, 768, quick=False)]
+            _case("clip_loss", torch.float32, 4096, 768, quick=False)] + sweep_cases("clip_loss")
 
 
 @register("siglip_loss")
 def siglip_cases(device: str, quick: bool) -> list[Case]:
     faster = Target(">= 1.7x faster than open_clip's formula", "eager", 1.7, ("full",))
     return [_case("siglip_loss", torch.float32, 4096, 512, targets=[faster]),
-            _case("siglip_loss", torch.bfloat16, 4096, 512, quick=False)]
+            _case("siglip_loss", torch.bfloat16, 4096, 512, quick=False)] + sweep_cases("siglip_loss")

@@ -7,14 +7,16 @@ on, and exit non-zero; the CSV must have the one schema. torch.compile is left o
 its first compile costs ~30 s here.
 """
 import csv
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from mmfast.__main__ import main
-from mmfast.bench import Case, Target, registry, report
+from mmfast.bench import Case, Target, registry, report, runner
 from mmfast.reference import similarity_softmax as ref
+from mmfast.testing import rel_err
 
 OP = "tiny_similarity_smoke"
 SCALE = 10.0
@@ -112,3 +114,124 @@ def test_results_md_keeps_hand_written_text(tmp_path):
     text = path.read_text()
     assert "hand-written intro" in text and "notes" in text and "old" not in text
     assert text.index("new table") < text.index("notes") < text.index("other table")
+
+
+# ---- references too big for the machine: skipped baselines, a substitute oracle --------------------
+BIG_OP = "tiny_similarity_too_big"
+SUBSTITUTE = "the reference in float64 on the CPU (test stand-in)"
+oracle_calls = []
+
+
+def _substitute(image, text):
+    oracle_calls.append((image.dtype, image.device.type))
+    return _reference(image, text)
+
+
+def _sized_case(columns: int, impl=_reference, name="good") -> Case:
+    def make_inputs(device):
+        gen = torch.Generator().manual_seed(columns)
+        return {"image": torch.randn(8, 16, generator=gen).to(device),
+                "text": torch.randn(columns, 16, generator=gen).to(device)}
+
+    return Case(op=BIG_OP, label=f"{name} N=8 C={columns}", dtype=torch.float32, x_name="C", x_value=columns,
+                params={"N": 8, "C": columns}, make_inputs=make_inputs, reference=_reference,
+                mmfast=lambda image, text, backend: impl(image, text), backends=("cpu", "reference"),
+                grad_inputs=("image", "text"), modes=("full",), series=f"{name} sweep",
+                reference_bytes=lambda dtype: 8 * columns * dtype.itemsize,  # one N x C buffer
+                substitute_oracle=_substitute, substitute_label=SUBSTITUTE)
+
+
+@pytest.fixture
+def big_op():
+    # With a fake limit of 1000 bytes: C=12 fits in fp32 and fp64 (the float64 reference is the oracle),
+    # C=20 fits in fp32 only (eager timed, substitute oracle), C=48 in neither (eager skipped too).
+    cases = [_sized_case(c) for c in (12, 20, 48)] + [_sized_case(48, IMPLS["wrong"], "wrong")]
+    registry.register(BIG_OP)(lambda device, quick: cases)
+    yield BIG_OP
+    registry.unregister(BIG_OP)
+
+
+def _rows_by_case(csv_path):
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {(json.loads(r["extra"])["case"], r["provider"], r["metric"]): r for r in rows}
+
+
+def test_bench_skips_a_reference_that_does_not_fit(big_op, tmp_path, capsys):
+    out, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    oracle_calls.clear()
+    args = ["bench", "--op", big_op, "--device", "cpu", "--out", str(out), "--results-md", str(md),
+            "--providers", "mmfast,mmfast-reference", "--backends", "reference", "--reference-max-gb", "1e-6",
+            "--quick"]
+    rc = main(args)
+    printed = capsys.readouterr().out
+    assert rc == 1 and "FAILED or ERRORED implementations (1)" in printed, "skips are no failures; wrong is one"
+    (csv_path,) = out.glob(f"*/{big_op}.csv")
+    rows = _rows_by_case(csv_path)
+    status = {k: json.loads(r["extra"])["status"] for k, r in rows.items()}
+
+    assert status[("good N=8 C=12", "mmfast", "time_ms")].startswith("ok (grad rel err")
+    assert "vs" not in status[("good N=8 C=12", "mmfast", "time_ms")]  # the float64 reference
+    for case in ("good N=8 C=20", "good N=8 C=48"):
+        assert status[(case, "mmfast", "time_ms")].endswith(f"vs {SUBSTITUTE})")
+        assert SUBSTITUTE in json.loads(rows[(case, "mmfast", "time_ms")]["extra"])["oracle"]
+        assert float(rows[(case, "mmfast", "time_ms")]["median"]) > 0
+    assert float(rows[("good N=8 C=20", "eager", "time_ms")]["median"]) > 0  # fits in fp32: still timed
+    skipped = status[("good N=8 C=48", "eager", "time_ms")]
+    assert skipped == "skipped: reference needs ~1.54e-06 GB in float32 > limit 1e-06 GB"
+    assert rows[("good N=8 C=48", "eager", "time_ms")]["median"] == ""
+    assert ("good N=8 C=48", "eager", "peak_mem_mb") not in rows
+    assert status[("good N=8 C=48", "mmfast-reference", "time_ms")] == skipped  # mmfast's reference backend too
+    assert status[("good N=8 C=20", "mmfast-reference", "time_ms")].endswith(f"vs {SUBSTITUTE})")
+    assert status[("wrong N=8 C=48", "mmfast", "time_ms")].startswith("FAIL: output[0]: rel err")
+    assert status[("wrong N=8 C=48", "mmfast", "time_ms")].endswith(f"vs {SUBSTITUTE}")
+    # The substitute ran in float64 on the CPU: once per case that needed it (outputs and gradients).
+    assert oracle_calls == [(torch.float64, "cpu")] * 3
+
+    # A series is one table (rows by x) and one plot of time and memory vs x.
+    text = md.read_text()
+    assert "**good sweep (series)**" in text and "| full | 48 | eager |  |" in text
+    assert text.index("| full | 12 | mmfast") < text.index("| full | 20 | mmfast") < text.index("| full | 48 | mmfast")
+    if importlib.util.find_spec("matplotlib") is not None:  # plots need it
+        assert (csv_path.parent / f"{big_op}-good-sweep.png").exists()
+
+    # --cases reruns some cases and keeps the other cases' rows in the CSV (and so in the table).
+    rc = main(args + ["--cases", "^good N=8 C=12$"])
+    assert rc == 0
+    again = _rows_by_case(csv_path)
+    assert set(again) == set(rows)
+    rerun = ("good N=8 C=12", "mmfast", "time_ms")
+    assert again[rerun]["timestamp"] >= rows[rerun]["timestamp"]
+    assert main(args + ["--cases", "no such case"]) == 2
+
+
+def test_substitute_oracle_refuses_low_precision():
+    case = _sized_case(48)
+    case.dtype = torch.bfloat16
+    with pytest.raises(RuntimeError, match="cannot give the torch.bfloat16 bound"):
+        runner.prepare(case, torch.device("cpu"), limit=1000)
+    with pytest.raises(ValueError, match="substitute_oracle needs reference_bytes"):
+        Case(op=BIG_OP, label="x", dtype=torch.float32, x_name="C", x_value=1, params={}, make_inputs=None,
+             reference=_reference, mmfast=None, backends=(), substitute_oracle=_substitute)
+
+
+@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss"])
+def test_contrastive_sweep_substitute_oracle_matches_the_reference(op):
+    """The sweep's substitute oracle (mmfast's CPU block operators in float64) against the float64
+    reference it replaces at large B: value and both gradients, with B over 3 x 3 of the kernel's 512-row
+    tiles."""
+    registry.load()
+    case = next(c for c in registry.cases(op, "cpu", quick=False) if c.series)
+    assert case.substitute_oracle is not None and "sweep" in case.label
+    gen = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(1100, 24, generator=gen, dtype=torch.float64), dim=-1)
+    noise = torch.randn(image.shape, generator=gen, dtype=image.dtype)
+    text = torch.nn.functional.normalize(image + 0.5 * noise, dim=-1)
+    results = []
+    for fn in (case.substitute_oracle, case.reference):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_()]
+        loss = fn(*leaves)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for name, got, want in zip(("loss", "grad image", "grad text"), *results):
+        assert got.dtype == torch.float64
+        assert rel_err(got, want) < 1e-12, name

@@ -24,11 +24,18 @@ class Target:
     """A goal printed PASS/MISS beside each mmfast provider's result.
 
     PASS when median(baseline) / median(mmfast provider) >= min_speedup in each listed mode;
-    "within 1.1x of the GEMM" is baseline="floor-gemm", min_speedup=1/1.1."""
+    "within 1.1x of the GEMM" is baseline="floor-gemm", min_speedup=1/1.1. metric="peak_mem_mb"
+    compares peak memory the same way ("below upstream's": baseline="eager", min_speedup=1)."""
     label: str
     baseline: str  # "eager", "compile" or "floor-<name>"
     min_speedup: float
     modes: tuple[str, ...] = ("forward",)
+    metric: str = "time_ms"  # or "peak_mem_mb"
+
+    def __post_init__(self):
+        if self.metric not in ("time_ms", "peak_mem_mb"):
+            raise ValueError(f"mmfast bench: target {self.label!r}: metric must be time_ms or peak_mem_mb, "
+                             f"got {self.metric!r}")
 
 
 @dataclass
@@ -48,8 +55,23 @@ class Case:
     modes: tuple[str, ...] = MODES
     targets: tuple[Target, ...] = ()
     quick: bool = True  # part of `--quick`
+    # Cases of one series (e.g. "sweep fp32 D=128": one shape family at growing x_value) are plotted
+    # as lines of time and peak memory against x and tabled together, not as bars per case.
+    series: str | None = None
+    # Estimated peak bytes of the reference's forward + backward on the inputs cast to a dtype. Where it
+    # exceeds the runner's limit (--reference-max-gb) eager, compile and mmfast's reference backend are
+    # skipped (reported, not failed), and so is the float64 oracle: substitute_oracle takes its place.
+    reference_bytes: Callable[[torch.dtype], float] | None = None
+    # substitute_oracle(**inputs cast to float64 on the CPU): an oracle in O(inputs) memory for sizes
+    # where the float64 reference does not fit; fp32 cases only (the fp16/bf16 bound is the reference's
+    # own error in that dtype). substitute_label says what it is, in the report rows it gates.
+    substitute_oracle: Callable[..., Any] | None = None
+    substitute_label: str = ""
 
     def __post_init__(self):
+        if self.substitute_oracle is not None and not (self.reference_bytes and self.substitute_label):
+            raise ValueError(f"mmfast bench: case {self.label!r}: substitute_oracle needs reference_bytes (when to "
+                             f"use it) and substitute_label (what to call it in the report)")
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"mmfast bench: case {self.label!r}: modes must be among {MODES}, got {unknown}")

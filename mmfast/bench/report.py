@@ -7,8 +7,10 @@ CSV (Liger-Kernel style), one row per (case, provider, mode, metric):
   metric          time_ms | peak_mem_mb
   x_name, x_value the size the case is plotted against (e.g. C, 21843)
   extra           JSON: case label, dtype, shape, quick, status ("ok (rel err ..)", "FAIL: ..",
-                  "ERROR: .."), backend (the one auto resolved to), samples, targets {label: verdict},
-                  load (the 1-minute load average when the row was measured: other jobs on the CPU)
+                  "ERROR: ..", "skipped: .." where the reference would not fit), backend (the one
+                  auto resolved to), samples, targets {label: verdict}, load (the 1-minute load
+                  average when the row was measured: other jobs on the CPU), series (cases plotted
+                  and tabled together against x), oracle (what stood in for the float64 reference)
   median, p20, p80  of the samples (peak_mem_mb: one value thrice); empty when not timed
   device, torch_version, mmfast_version, timestamp
 Everything else (speedups, PASS/MISS, tables, plots) is computed from these rows, so
@@ -34,8 +36,17 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in COLUMNS})
+            writer.writerow({k: _cell(k, row[k]) for k in COLUMNS})
     os.replace(tmp, path)  # a reader (or a kill mid-write) never sees half a file
+
+
+def _cell(key: str, value):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if key == "x_value" and value.is_integer():
+            return int(value)  # rows read back (kept by a --cases run) are written as they were: 8192, not 8192.0
+    return value
 
 
 def read_csv(path: str) -> list[dict]:
@@ -74,8 +85,10 @@ def evaluate_targets(rows: list[dict], targets) -> None:
         for target in targets:
             if row["mode"] not in target.modes:
                 continue
-            base = medians.get((info["case"], target.baseline, row["mode"], "time_ms"), math.nan)
-            speedup = base / row["median"]
+            base = medians.get((info["case"], target.baseline, row["mode"], target.metric), math.nan)
+            mine = medians.get((info["case"], row["provider"], row["mode"], target.metric), math.nan)
+            # a peak of 0 MB (whole pages: a call that fits in freed ones) beats any baseline
+            speedup = base / mine if mine > 0 else (math.inf if base > 0 else math.nan)
             if math.isnan(speedup):
                 verdicts[target.label] = f"n/a ({target.baseline} not timed)"
             else:
@@ -122,31 +135,52 @@ def fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
+def _series(row: dict) -> str | None:
+    return extra(row).get("series")
+
+
+def _table(title: str, mine: list[dict], medians: dict, x_name: str | None = None) -> str:
+    """Markdown table of time_ms rows; x_name: a column with each row's x_value (a series' table)."""
+    floors = sorted({r["provider"] for r in mine if r["provider"].startswith("floor-")})
+    head = ["mode"] + ([x_name] if x_name else []) + ["provider", "median ms", "p20-p80 ms", "vs eager"] + \
+           [f"vs {f}" for f in floors] + ["peak MB", "check / targets"]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in mine:
+        info, mode, case = extra(r), r["mode"], extra(r)["case"]
+        provider = r["provider"] + (f" ({info['backend']})" if r["provider"] == "mmfast" else "")
+        ratios = [medians.get((case, base, mode, "time_ms"), math.nan) / r["median"] for base in ["eager"] + floors]
+        baseline = r["provider"] == "eager" or r["provider"].startswith("floor-")  # not checked
+        notes = [] if baseline and info["status"] == "ok" else [info["status"]]  # a baseline's: skipped/ERROR
+        notes += [f"{label}: {verdict}" for label, verdict in info.get("targets", {}).items()]
+        spread = "" if math.isnan(r["p20"]) else f"{fmt(r['p20'])}-{fmt(r['p80'])}"
+        cells = [mode] + ([f"{r['x_value']:g}"] if x_name else []) + [provider, fmt(r["median"]), spread]
+        cells += ["" if math.isnan(x) else f"{x:.2f}x" for x in ratios]
+        cells += [fmt(medians.get((case, r["provider"], mode, "peak_mem_mb"), math.nan)),
+                  "; ".join(notes).replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_table(rows: list[dict]) -> str:
-    """Markdown: one table per case; speedups are median(baseline) / median(provider)."""
+    """Markdown: one table per case, or per series (its cases' rows by mode, then x); speedups are
+    median(baseline) / median(provider)."""
     medians = _lookup(rows)
-    parts = []
+    parts, tabled = [], set()
     for case in _cases(rows):
         mine = [r for r in rows if extra(r)["case"] == case and r["metric"] == "time_ms"]
-        floors = sorted({r["provider"] for r in mine if r["provider"].startswith("floor-")})
-        head = ["mode", "provider", "median ms", "p20-p80 ms", "vs eager"] + [f"vs {f}" for f in floors] + \
-               ["peak MB", "check / targets"]
-        lines = [f"**{case}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in mine:
-            info, mode = extra(r), r["mode"]
-            provider = r["provider"] + (f" ({info['backend']})" if r["provider"] == "mmfast" else "")
-            ratios = [medians.get((case, base, mode, "time_ms"), math.nan) / r["median"] for base in ["eager"] + floors]
-            baseline = r["provider"] == "eager" or r["provider"].startswith("floor-")  # not checked
-            notes = [] if baseline else [info["status"]]
-            notes += [f"{label}: {verdict}" for label, verdict in info.get("targets", {}).items()]
-            spread = "" if math.isnan(r["p20"]) else f"{fmt(r['p20'])}-{fmt(r['p80'])}"
-            cells = [mode, provider, fmt(r["median"]), spread]
-            cells += ["" if math.isnan(x) else f"{x:.2f}x" for x in ratios]
-            cells += [fmt(medians.get((case, r["provider"], mode, "peak_mem_mb"), math.nan)),
-                      "; ".join(notes).replace("|", "/")]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+        series = _series(mine[0]) if mine else None
+        if series is None:
+            parts.append(_table(case, mine, medians))
+        elif series not in tabled:
+            tabled.add(series)
+            mine = [r for r in rows if _series(r) == series and r["metric"] == "time_ms"]
+            providers = list(dict.fromkeys(r["provider"] for r in mine))
+            mine.sort(key=lambda r: (_MODE_ORDER.get(r["mode"], 9), r["x_value"], providers.index(r["provider"])))
+            parts.append(_table(f"{series} (series)", mine, medians, x_name=mine[0]["x_name"]))
     return "\n\n".join(parts)
+
+
+_MODE_ORDER = {"forward": 0, "backward": 1, "full": 2}
 
 
 def update_results_md(path: str, device: str, op: str, table: str, stamp: str = "") -> None:
@@ -177,14 +211,76 @@ def stamp(rows: list[dict]) -> str:
 
 # ---- plot ------------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: str) -> str:
-    """Speedup vs eager (above 1: faster) per case (x, ordered by x_value) and provider, a panel per mode.
-    Returns the path, or a note saying why no plot was written (matplotlib missing)."""
+    """Speedup vs eager (above 1: faster) per case (x, ordered by x_value) and provider, a panel per mode,
+    at `path`; each series' cases instead get lines of time and peak memory vs x at <path>-<series>.png.
+    Returns the paths written, or notes saying why not (matplotlib missing, nothing timed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"skipped ({e}; install matplotlib for plots)"
+    notes = []
+    single = [r for r in rows if _series(r) is None]
+    if single:
+        notes.append(_speedup_bars(single, path, plt))
+    for series in dict.fromkeys(_series(r) for r in rows if _series(r) is not None):
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", series).strip("-")
+        notes.append(_series_lines([r for r in rows if _series(r) == series], series,
+                                   f"{os.path.splitext(path)[0]}-{slug}.png", plt))
+    return "; ".join(notes)
+
+
+def _series_lines(rows: list[dict], series: str, path: str, plt) -> str:
+    """Median time (p20-p80 band) and peak memory vs x, log-log, a line per provider, a row per mode.
+    A provider skipped at some sizes (its reference would not fit) says from where in its legend."""
+    from matplotlib.ticker import NullLocator
+    times = [r for r in rows if r["metric"] == "time_ms"]
+    if not any(not math.isnan(r["median"]) for r in times):
+        return f"skipped {series} (nothing was timed)"
+    medians = _lookup(rows)
+    modes = [m for m in _MODE_ORDER if any(r["mode"] == m for r in times)]
+    providers = list(dict.fromkeys(r["provider"] for r in times))
+    xs_all = sorted({r["x_value"] for r in times})
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11.0, 3.6 * len(modes)), squeeze=False)
+    for (ax_t, ax_m), mode in zip(axes, modes):
+        for provider in providers:
+            mine = sorted((r for r in times if r["provider"] == provider and r["mode"] == mode),
+                          key=lambda r: r["x_value"])
+            done = [r for r in mine if not math.isnan(r["median"])]
+            skipped = [r["x_value"] for r in mine if extra(r)["status"].startswith("skipped")]
+            backends = {extra(r).get("backend") for r in done}
+            label = provider + (f" ({backends.pop()})" if provider == "mmfast" and len(backends) == 1 else "")
+            label += f" (skipped from {mine[0]['x_name']}={min(skipped):g})" if skipped else ""
+            if not done:
+                ax_t.plot([], [], marker="o", label=label)  # still in the legend, saying why
+                continue
+            x = [r["x_value"] for r in done]
+            line, = ax_t.plot(x, [r["median"] for r in done], marker="o", label=label)
+            ax_t.fill_between(x, [r["p20"] for r in done], [r["p80"] for r in done], alpha=0.2,
+                              color=line.get_color())
+            mem = [medians.get((extra(r)["case"], provider, mode, "peak_mem_mb"), math.nan) for r in done]
+            ax_m.plot(x, mem, marker="o", color=line.get_color(), label=provider)
+        ax_t.set_yscale("log")
+        ax_m.set_yscale("symlog", linthresh=1.0)  # mmfast's peak can be 0 MB (whole pages)
+        for ax, what in ((ax_t, "time ms (median, p20-p80)"), (ax_m, "peak memory MB")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs_all)
+            ax.set_xticklabels([f"{x:g}" for x in xs_all], fontsize=7)
+            ax.xaxis.set_minor_locator(NullLocator())  # only the measured sizes
+            ax.set_xlabel(times[0]["x_name"], fontsize=8)
+            ax.set_ylabel(what, fontsize=8)
+            ax.set_title(mode, fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+        ax_t.legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['kernel']} {series} on {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _speedup_bars(rows: list[dict], path: str, plt) -> str:
     medians = _lookup(rows)
     timed = [r for r in rows if r["metric"] == "time_ms" and not math.isnan(r["median"]) and r["provider"] != "eager"]
     if not timed:

@@ -11,8 +11,16 @@ Per case (mmfast.bench.registry.Case) and device:
    the modes forward (under no_grad: inference), backward (autograd.grad of a graph built,
    untimed, before each call) and full (forward + backward), with the peak memory of a call;
 4. speedups vs eager and vs the floors, and the case's targets (PASS/MISS).
-Rows go to <out>/<device-name>/<op>.csv (mmfast.bench.report.COLUMNS), a PNG plot, and a table
+Rows go to <out>/<device-name>/<op>.csv (mmfast.bench.report.COLUMNS), a PNG plot (a series of cases:
+one of time and peak memory vs x), and a table
 between markers in RESULTS.md.
+
+References too big for the machine. A case may declare reference_bytes (the reference's estimated peak
+in a dtype, e.g. ~6 B x B buffers of open_clip's loss). Above the limit (--reference-max-gb; default:
+half the physical memory on CPU, 80% of the GPU's) eager, compile and mmfast's reference backend are
+reported "skipped: reference needs ~N GB ..." (not failures), and where the float64 oracle would not
+fit, the case's substitute_oracle (run in float64 on the CPU, O(inputs) memory) takes its place; every
+row it gates says "vs <its label>" and names it in the CSV's extra ("oracle").
 
 Timing. CPU: time.perf_counter around each call, after warm-up, with torch.set_num_threads(
 os.cpu_count()); the providers of a mode take turns call by call, so that other jobs on a shared
@@ -134,6 +142,7 @@ class Prepared:
     out_lowp: list = field(default_factory=list)
     grads64: list = field(default_factory=list)
     grads_lowp: list = field(default_factory=list)
+    oracle: str | None = None  # None: the float64 reference; else what stood in for it, and why
 
     @property
     def has_backward(self) -> bool:
@@ -165,7 +174,71 @@ def _random_grad_outputs(outs: list) -> tuple[list[int], list[torch.Tensor]]:
     return positions, [torch.randn(outs[i].shape, generator=gen).to(outs[i].device, outs[i].dtype) for i in positions]
 
 
-def prepare(case: Case, device: torch.device) -> Prepared:
+def default_reference_limit(device: torch.device) -> float:
+    """Bytes the reference may take (--reference-max-gb's default): 80% of a GPU's memory; half the
+    physical memory of a CPU machine (it may be shared, and the float64 oracle runs beside the inputs)."""
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def reference_too_big(case: Case, dtype: torch.dtype, limit: float) -> str | None:
+    """None when the reference fits in `limit` bytes with inputs in `dtype`, else why not ("skipped: ...")."""
+    if case.reference_bytes is None:
+        return None
+    need = float(case.reference_bytes(dtype))
+    if need <= limit:
+        return None
+    return (f"skipped: reference needs ~{need / 1e9:.3g} GB in {str(dtype).replace('torch.', '')} "
+            f"> limit {limit / 1e9:.3g} GB")
+
+
+def _runs_reference(provider: Provider) -> bool:
+    return provider.name in ("eager", "compile") or provider.backend == "reference"
+
+
+def _cpu64(inputs: dict) -> dict:
+    return {k: (v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.cpu())
+            if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _prepare_substitute(case: Case, device: torch.device, why: str) -> Prepared:
+    """The oracle from case.substitute_oracle on float64 CPU copies of the inputs (the reference's
+    float64 run does not fit): outputs and gradients moved back to `device`."""
+    why = why.removeprefix("skipped: ")
+    if case.substitute_oracle is None:
+        raise RuntimeError(f"the float64 {why}, and the case has no substitute_oracle")
+    if case.dtype in LOW_PRECISION:
+        raise RuntimeError(f"the float64 {why}, and the substitute oracle cannot give the {case.dtype} bound "
+                           f"(2x the reference's own error in that dtype)")
+    prep = Prepared(case, case.make_inputs(device), oracle=f"{case.substitute_label} (float64 {why})")
+    inputs64 = _cpu64(prep.inputs)
+    if not prep.has_backward:
+        with torch.no_grad():
+            prep.out64 = [o.detach().to(device) for o in _as_list(case.substitute_oracle(**inputs64))]
+    else:  # one forward + backward gives the outputs and the gradients
+        grad_in = _grad_copy(inputs64, case.grad_inputs)
+        with torch.enable_grad():
+            outs = _as_list(case.substitute_oracle(**grad_in))
+        prep.diff_positions, grad_outputs = _random_grad_outputs(outs)
+        prep.grad_outputs = [g.to(device, case.dtype) for g in grad_outputs]
+        grads = torch.autograd.grad([outs[i] for i in prep.diff_positions], [grad_in[n] for n in case.grad_inputs],
+                                    [g.to(case.dtype).double() for g in grad_outputs])  # the values the providers get
+        prep.out64 = [o.detach().to(device) for o in outs]
+        prep.grads64 = [g.to(device) for g in grads]
+    prep.out_lowp, prep.grads_lowp = prep.out64, prep.grads64  # unused: fp32 is held to FP32_RTOL
+    return prep
+
+
+def prepare(case: Case, device: torch.device, limit: float | None = None) -> Prepared:
+    """Inputs and the oracle: the reference in float64, or case.substitute_oracle where that would take
+    more than `limit` bytes (default: default_reference_limit)."""
+    too_big = reference_too_big(case, torch.float64, default_reference_limit(device) if limit is None else limit)
+    if too_big is not None:
+        return _prepare_substitute(case, device, too_big)
     inputs = case.make_inputs(device)
     prep = Prepared(case, inputs)
     with torch.no_grad():
@@ -193,6 +266,7 @@ def _short(e: BaseException) -> str:
 def check(provider: Provider, prep: Prepared) -> dict[str, str]:
     """Per mode: "ok", "FAIL: <why>" (wrong result) or "ERROR: <exception>"; rel errs appended."""
     case = prep.case
+    vs = "" if prep.oracle is None else f" vs {case.substitute_label}"
     try:
         with torch.no_grad():
             outs = provider.fn(**prep.inputs)
@@ -201,15 +275,15 @@ def check(provider: Provider, prep: Prepared) -> dict[str, str]:
     except Exception as e:  # a kernel that raises is reported, never fatal to the run
         return {m: f"ERROR: {_short(e)}" for m in case.modes}
     if problem is not None:
-        return {m: f"FAIL: {problem}" for m in case.modes}
-    status = {"forward": f"ok (rel err {err:.1e})"}
+        return {m: f"FAIL: {problem}{vs}" for m in case.modes}
+    status = {"forward": f"ok (rel err {err:.1e}{vs})"}
     if prep.has_backward:
         try:
             grad_in = _grad_copy(prep.inputs, case.grad_inputs)
             _, grads = _forward_backward(provider.fn, grad_in, case.grad_inputs, prep.diff_positions,
                                          prep.grad_outputs)
             problem, gerr = _compare(grads, prep.grads64, prep.grads_lowp, "grad")
-            back = f"FAIL: {problem}" if problem else f"ok (grad rel err {gerr:.1e})"
+            back = f"FAIL: {problem}{vs}" if problem else f"ok (grad rel err {gerr:.1e}{vs})"
         except Exception as e:
             back = f"ERROR: {_short(e)}"
         status.update(backward=back, full=back)
@@ -252,10 +326,14 @@ def make_step(fn, prep: Prepared, mode: str, own_outputs: bool = False) -> Step:
             outs = _as_list(fn(**grad_in))
         return [outs[i] for i in positions]
 
+    # A floor may leave some grad inputs unused (a GEMM floor skips LayerNorm weights).
+    def grad(diff):
+        return torch.autograd.grad(diff, leaves, grad_outputs, allow_unused=own_outputs)
+
     if mode == "backward":
-        return Step(lambda diff: torch.autograd.grad(diff, leaves, grad_outputs), setup=forward_with_graph)
+        return Step(grad, setup=forward_with_graph)
     if mode == "full":
-        return Step(lambda _: torch.autograd.grad(forward_with_graph(), leaves, grad_outputs))
+        return Step(lambda _: grad(forward_with_graph()))
     raise ValueError(f"mmfast bench: unknown mode {mode!r}")
 
 
@@ -441,17 +519,23 @@ class Options:
     backends: list[str] | None
     providers: list[str] | None
     bench_dir: str | None
+    cases: str | None = None  # regex: only the cases whose label it matches (re.search)
+    reference_max_bytes: float | None = None  # None: default_reference_limit(device)
 
 
 def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[dict]:
     device, budget = opts.device, (QUICK if opts.quick else FULL)
     where = f"{case.op} {case.label} {device.type}"
     providers = providers_for(case, device, opts.backends, opts.providers)
+    limit = default_reference_limit(device) if opts.reference_max_bytes is None else opts.reference_max_bytes
+    skipped = reference_too_big(case, case.dtype, limit)  # eager, compile, backend reference: not run
     try:
-        prep = prepare(case, device)
+        prep = prepare(case, device, limit)
         oracle_error = None
+        if prep.oracle is not None:
+            print(f"  {where}: oracle: {prep.oracle}", flush=True)
     except Exception as e:  # e.g. out of memory in float64: nothing of this case can be checked
-        prep, oracle_error = None, f"ERROR: the float64 reference failed: {_short(e)}"
+        prep, oracle_error = None, f"ERROR: the float64 oracle failed: {_short(e)}"
         print(f"  {where}: {oracle_error}", flush=True)
     if any(p.name == "compile" for p in providers):
         torch._dynamo.reset()  # one compiled reference per case; frees the last case's graphs
@@ -462,6 +546,10 @@ def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[
                     quick=opts.quick, status=status, load=round(os.getloadavg()[0], 1))  # load: CPU contention
         if provider.backend is not None:
             info["backend"] = provider.backend
+        if case.series is not None:
+            info["series"] = case.series
+        if prep is not None and prep.oracle is not None and provider.checked:
+            info["oracle"] = prep.oracle
         info.update(extra)
         median, p20, p80 = values
         return dict(kernel=case.op, provider=provider.name, mode=mode, metric=metric, x_name=case.x_name,
@@ -470,7 +558,9 @@ def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[
 
     statuses = {}
     for provider in providers:
-        if oracle_error is not None:
+        if skipped is not None and _runs_reference(provider):
+            statuses[provider.name] = {m: skipped for m in case.modes}
+        elif oracle_error is not None:
             statuses[provider.name] = {m: oracle_error for m in case.modes}
         elif provider.checked:
             t0 = time.perf_counter()
@@ -483,7 +573,8 @@ def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[
             statuses[provider.name] = {m: "ok" for m in case.modes}
 
     def not_timed(provider: Provider, mode: str, why: str) -> None:
-        progress.line(f"{where} {mode:8} {provider.name:14} {why.split(':')[0]} (not timed)")
+        short = why if why.startswith("skipped") else why.split(":")[0]
+        progress.line(f"{where} {mode:8} {provider.name:14} {short} (not timed)")
         rows.append(row(provider, mode, "time_ms", (math.nan,) * 3, why))
 
     for mode in case.modes:
@@ -528,7 +619,13 @@ def run(opts: Options) -> int:
     dev_name = device_name(opts.device)
     meta = dict(device=dev_name, torch_version=torch.__version__, mmfast_version=mmfast.__version__,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    plan = {op: registry.cases(op, opts.device.type, opts.quick) for op in ops}
+    # --cases picks cases by label among all of them (quick or not); --quick then only sets the budget.
+    plan = {op: [c for c in registry.cases(op, opts.device.type, opts.quick and opts.cases is None)
+                 if opts.cases is None or re.search(opts.cases, c.label)] for op in ops}
+    plan = {op: cases for op, cases in plan.items() if cases}
+    if not plan:
+        print(f"mmfast bench: no case of {ops} matches --cases {opts.cases!r}", file=sys.stderr)
+        return 2
     total = sum(len(providers_for(c, opts.device, opts.backends, opts.providers)) * len(c.modes)
                 for cs in plan.values() for c in cs)
     print(f"mmfast bench on {dev_name} ({opts.device.type}, {torch.get_num_threads()} threads), torch "
@@ -540,18 +637,23 @@ def run(opts: Options) -> int:
     for op, cases in plan.items():
         rows: list[dict] = []
         csv_path = os.path.join(out_dir, f"{op}.csv")
+        kept = []  # with --cases, the rows of the op's other cases stay in its CSV, table and plot
+        if opts.cases is not None and os.path.exists(csv_path):
+            ran = {c.label for c in cases}
+            kept = [r for r in report.read_csv(csv_path) if report.extra(r)["case"] not in ran]
         try:
             for case in cases:
                 rows += run_case(case, opts, progress, meta)
-                report.write_csv(csv_path, rows)  # after every case: a killed run keeps what it measured
+                report.write_csv(csv_path, kept + rows)  # after every case: a killed run keeps what it measured
         finally:
             if rows:
-                report.write_csv(csv_path, rows)
-                note = report.plot(rows, os.path.join(out_dir, f"{op}.png"))
+                everything = kept + rows
+                report.write_csv(csv_path, everything)
+                note = report.plot(everything, os.path.join(out_dir, f"{op}.png"))
                 print(f"{op}: {csv_path}; plot: {note}", flush=True)
                 if opts.results_md:
-                    report.update_results_md(opts.results_md, dev_name, op, report.results_table(rows),
-                                             report.stamp(rows))
+                    report.update_results_md(opts.results_md, dev_name, op, report.results_table(everything),
+                                             report.stamp(everything))
                     print(f"{op}: table refreshed in {opts.results_md}", flush=True)
         broken += report.broken(rows)
         missed += report.missed_targets(rows)
@@ -581,6 +683,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None,
                         help="comma list of providers to run, e.g. mmfast,floor-gemm (eager always runs)")
     parser.add_argument("--bench-dir", default=None, help="where the benchmarks/<op>.py files are")
+    parser.add_argument("--cases", default=None, metavar="REGEX",
+                        help="only the cases whose label matches REGEX (re.search), e.g. 'sweep', quick or "
+                             "not (--quick then sets only the sample budget); the CSV keeps the rows of the op's "
+                             "other cases")
+    parser.add_argument("--reference-max-gb", type=float, default=None, metavar="GB",
+                        help="memory the reference may need (its case's estimate); above it eager, compile and "
+                             "the float64 oracle are skipped, and a case's substitute oracle checks mmfast "
+                             "(default: half the RAM on CPU, 80%% of the GPU's memory)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -596,7 +706,18 @@ def main(args: argparse.Namespace) -> int:
         if name not in _backend.BACKEND_NAMES or name == "auto":
             print(f"mmfast bench: --backends takes {_backend.BACKEND_NAMES[1:]}, got {name!r}", file=sys.stderr)
             return 2
+    if args.cases is not None:
+        try:
+            re.compile(args.cases)
+        except re.error as e:
+            print(f"mmfast bench: --cases is not a regular expression ({e}): {args.cases!r}", file=sys.stderr)
+            return 2
+    if args.reference_max_gb is not None and not args.reference_max_gb >= 0:
+        print(f"mmfast bench: --reference-max-gb must be >= 0, got {args.reference_max_gb}", file=sys.stderr)
+        return 2
     opts = Options(ops=args.ops or [], device=device, quick=args.quick, out=out,
                    results_md=None if results_md.lower() == "none" else results_md,
-                   backends=backends, providers=split(args.providers), bench_dir=args.bench_dir)
+                   backends=backends, providers=split(args.providers), bench_dir=args.bench_dir,
+                   cases=args.cases,
+                   reference_max_bytes=None if args.reference_max_gb is None else args.reference_max_gb * 1e9)
     return run(opts)

@@ -203,5 +203,5 @@ def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections
         out = _shared_q_few_keys(q, k, v, projections, num_heads, scale, residual)
     if norm is not None:
         weight, bias, eps = norm
-        out = F.layer_norm(out, weight.shape, weight, bias, eps)
+        out = F.layer_norm(out, out.shape[-1:], weight, bias, eps)
     return out
