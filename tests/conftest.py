@@ -6,6 +6,11 @@ for real) or the caller chose already.
 """
 import os
 
+# The Triton interpreter runs each tl.dot as a small numpy matmul; numpy's multithreaded OpenBLAS stalls on
+# these 2-core machines (a 64x64x256 dot: 15-30 ms with 2 threads, 0.05 ms with 1; the Triton
+# cross-attention tests took 93 s instead of 130 s). Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 if "TRITON_INTERPRET" not in os.environ:
     import torch as _torch  # torch does not import triton at import time
 

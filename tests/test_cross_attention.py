@@ -341,3 +341,133 @@ def test_direct_operator_calls_are_checked_in_cpp():
         fwd(q[..., :8], k[..., :8], v[..., :8], None, None, 0.25)
     with pytest.raises(RuntimeError, match="k/v are Half but q is Float"):
         fwd(q, k.half(), v.half(), None, None, 0.25)
+
+
+# ---- Triton split-K forward (flash-decoding): few queries per head against many keys (SAM) -----------------
+# mmfast/triton/cross_attention.py cuts each head's keys into chunks when B*H*ceil(Lq/BLOCK_M) programs are
+# too few to fill a GPU (its num_splits rule; SAM's 7 prompt tokens x 4096 image keys); one program per
+# (head, query block, chunk) writes a partial (out, lse) and a merge kernel combines them. These tests run
+# that path and the merge, and turn it on or off through the module's thresholds SPLIT_K_MIN_PROGRAMS and
+# SPLIT_K_MIN_KEYS.
+TRITON_PARAMS = [pytest.param(*p.values, dtype, id=f"{p.id}-{str(dtype)[6:]}")
+                 for p in BACKENDS if p.values[0] == "triton" for dtype in dtypes_for(*p.values)]
+
+
+def triton_module():
+    require_kernel("triton")
+    from mmfast.triton import cross_attention as tca
+    return tca
+
+
+def check_expanded_kv(fn_kernel, tensors, dtype, device, *, b, seed):
+    """fn_kernel(q, k, v, k2, v2) against the fp64 reference when the key/value leaves of batch size 1 are
+    expanded over the batch (b > 1) with stride 0 inside the call: out and every gradient (autograd sums
+    the expanded gradients over the batch)."""
+    def expand(t):
+        return t if t is None or t.shape[0] == b else t.expand(b, -1, -1, -1)
+
+    def with_kernel(q, *kv):
+        kv = [expand(t) for t in kv]
+        assert any(t is not None and t.stride(0) == 0 for t in kv)
+        return fn_kernel(q, *kv)
+
+    def with_reference(q, *kv):
+        return reference(q, *(expand(t) for t in kv))
+
+    grad = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out, grads = run(with_kernel, tensors, dtype, device, grad)
+    out64, grads64 = run(with_reference, tensors, torch.float64, "cpu", grad)
+    out_lp, grads_lp = (run(with_reference, tensors, dtype, device, grad) if dtype != torch.float32
+                        else (None, [None] * 5))
+    assert_close_to_reference(out.cpu(), out64, out_lp, name="out")
+    for name, g, g64, g_lp in zip(("q", "k", "v", "k2", "v2"), grads, grads64, grads_lp):
+        if g64 is not None:
+            assert_close_to_reference(g.cpu(), g64, g_lp, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense-kv", "expanded-kv"])
+@pytest.mark.parametrize("backend, device, dtype", TRITON_PARAMS)
+def test_triton_split_k_sam_token_to_image(backend, device, dtype, expanded):
+    """SAM's token -> image attention: B=2 prompts, H=8, 7 tokens, 1000 image keys (4096 on a GPU would be
+    slow in the interpreter), d=16. 16 programs take the split path under the default rule; k/v either
+    dense or one image's keys expanded over the prompts with stride 0. out, lse and the five gradients
+    (the backward reads the merged lse)."""
+    tca = triton_module()
+    b, h, lq, lk, d = 2, 8, 7, 1000, 16
+    tensors = make_inputs(b, h, lq, lk, 0, d, seed=20)
+    assert tca.forward_splits(*(t.to(device, dtype) for t in tensors[:2]), None) > 1
+
+    def fn(q, k, v, k2, v2):
+        return cross_attention(q, k, v, backend=backend)
+
+    if expanded:
+        tensors[1], tensors[2] = tensors[1][:1], tensors[2][:1]
+        check_expanded_kv(fn, tensors, dtype, device, b=b, seed=21)
+    else:
+        check_against_reference(backend, device, dtype, tensors, seed=21)
+    q, k, v = (t.to(device, dtype).expand(b, -1, -1, -1) for t in tensors[:3])
+    _, lse = torch.ops.mmfast.cross_attention_triton(q, k, v, None, None, d ** -0.5)
+    # The merged lse against the exact log-sum-exp of the same (rounded) inputs: fp32 statistics either way.
+    logits = d ** -0.5 * q.double().cpu() @ k.double().cpu().transpose(-1, -2)
+    assert_close_to_reference(lse.cpu(), torch.logsumexp(logits, -1), name="lse")
+
+
+@pytest.mark.parametrize("backend, device, dtype", TRITON_PARAMS)
+def test_triton_split_k_chunks_across_segments(backend, device, dtype, monkeypatch):
+    """Forced to its most splits (SPLIT_K_MIN_KEYS = 1), the chunks of the stream k (600 keys) then k2 (200)
+    include one that straddles the two segments and one inside k2 alone: out and gradients match the
+    reference, also with the second segment expanded over the batch and a head dim that is not a power of
+    two; turned off (SPLIT_K_MIN_PROGRAMS = 0) the same inputs run unsplit to the same out. A NaN key in one
+    chunk makes its head's rows NaN through the merge and leaves the other heads alone."""
+    tca = triton_module()
+    b, h, lq, lk, lk2, d = 2, 2, 20, 600, 200, 40
+    tensors = make_inputs(b, h, lq, lk, lk2, d, seed=22)
+    args = [t.to(device, dtype) for t in tensors]
+    monkeypatch.setattr(tca, "SPLIT_K_MIN_KEYS", 1)
+    assert tca.forward_splits(args[0], args[1], args[3]) >= 4
+    check_against_reference(backend, device, dtype, tensors, seed=23)
+
+    def fn(q, k, v, k2, v2):
+        return cross_attention(q, k, v, k2=k2, v2=v2, backend=backend)
+
+    check_expanded_kv(fn, tensors[:3] + [tensors[3][:1], tensors[4][:1]], dtype, device, b=b, seed=24)
+    monkeypatch.setattr(tca, "SPLIT_K_MIN_PROGRAMS", 0)
+    assert tca.forward_splits(args[0], args[1], args[3]) == 1
+    out_lp = reference(*args) if dtype != torch.float32 else None
+    assert_close_to_reference(fn(*args).cpu(), reference(*tensors), out_lp, name="unsplit out")
+
+    q, k, v, k2, v2 = tensors
+    k2 = k2.clone()
+    k2[1, 1, lk2 - 3, 7] = float("nan")  # a key in the last chunk of one head
+    out = cross_attention(*(t.to(device, dtype) for t in (q, k, v)), k2=k2.to(device, dtype),
+                          v2=v2.to(device, dtype), backend=backend).cpu()
+    want = reference(q, k, v, k2, v2)
+    assert torch.equal(out.isnan(), want.isnan()) and want[1, 1].isnan().all() and not want[1, 0].isnan().any()
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKENDS if p.values[0] == "triton"])
+def test_triton_direct_operator_calls_are_checked(backend, device):
+    """torch.ops.mmfast.cross_attention_triton(_backward) called without the Python API's checks still
+    raise, naming the argument."""
+    triton_module()
+    fwd, bwd = torch.ops.mmfast.cross_attention_triton, torch.ops.mmfast.cross_attention_backward_triton
+    q, k, v, k2, v2 = (t.to(device, torch.float32) for t in make_inputs(1, 2, 3, 4, 2, 16, seed=25))
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        fwd(q[0], k, v, None, None, 0.25)
+    with pytest.raises(ValueError, match=r"k must have shape \[B, H, Lk >= 1, d\]"):
+        fwd(q, k[:, :1], v, None, None, 0.25)
+    with pytest.raises(ValueError, match="v2 must have k2's shape"):
+        fwd(q, k, v, k2, v2[:, :, :1], 0.25)
+    with pytest.raises(ValueError, match="k2 and v2 must be given together"):
+        fwd(q, k, v, k2, None, 0.25)
+    with pytest.raises(ValueError, match=r"head dim d \(q.size\(3\)\) must be in \[16, 128\], got 8"):
+        fwd(q[..., :8], k[..., :8], v[..., :8], None, None, 0.25)
+    with pytest.raises(TypeError, match="k is torch.float16 but q is torch.float32"):
+        fwd(q, k.half(), v.half(), None, None, 0.25)
+    with pytest.raises(TypeError, match="runs float32, float16 and bfloat16; q is torch.float64"):
+        fwd(q.double(), k.double(), v.double(), None, None, 0.25)
+    out, lse = fwd(q, k, v, None, None, 0.25)
+    with pytest.raises(ValueError, match="grad_out must match q"):
+        bwd(out[:, :1], q, k, v, None, None, out, lse, 0.25)
+    with pytest.raises(ValueError, match=r"lse must be \[B, H, Lq\]"):
+        bwd(out, q, k, v, None, None, out, lse.double(), 0.25)
