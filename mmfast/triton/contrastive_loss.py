@@ -1,0 +1,600 @@
+"""Triton kernels of the contrastive-loss block operators (CLIP and SigLIP).
+
+Operators defined here (schemas of csrc/mmfast.cpp with "_triton" appended, block semantics there; fake
+impls and autograd are registered by mmfast/ops/contrastive_loss.py right after this module is imported):
+  mmfast::clip_loss_block_triton            -> (row_lse, col_lse, pos_logits)
+  mmfast::clip_loss_block_backward_triton   -> (grad_rows, grad_cols, grad_logit_scale, grad_logit_bias)
+  mmfast::siglip_loss_block_triton          -> (loss_sum, grad_rows, grad_cols, grad_logit_scale, grad_logit_bias)
+
+Notation: rows [Bi, D], cols [Bt, D], dot_ij = rows_i . cols_j (fp32 accumulation whatever the input
+dtype), x_ij = scale * dot_ij + bias; the positive of row i is column i + label_offset (CLIP; SigLIP: i).
+The Bi x Bt logits are never stored; extra memory is O((Bi + Bt) * (D + tiles)), tiles = B / BLOCK.
+
+CLIP forward: one GEMM over a 2-D grid of [BLOCK_M, BLOCK_N] tiles. Each tile writes its per-row
+(max, sum-exp) over its columns and its per-column (max, sum-exp) over its rows, [T, B] fp32 partials,
+and the positive logits of the rows whose positive it holds; _lse_combine_kernel merges the T partials
+of each row (column) in tile order into the log-sum-exp. Chosen over one program per row block sweeping
+all column tiles (online row lse) because the column statistics then need either atomics or a second
+sweep (2 GEMMs), and a 2-D grid keeps every SM busy at small B. The partials cost 8 * (Bi*Tn + Bt*Tm)
+bytes (Tn = Bt / BLOCK_N, Tm = Bi / BLOCK_M): O(B^2 / BLOCK), at most the fp16 features' size while
+B <= D * BLOCK / 8, but 200 MB at B = 32768 with 128 x 64 tiles (the features: 2 x 50 MB). Bounding
+that would take programs that each sweep a band of tiles (a fixed number of partials per row). Two exps
+per logit: a shared tile max would underflow rows far below the tile's top row (scale 100 spreads
+logits over ~200).
+
+Backward (CLIP, and SigLIP with compute_grad): G = dL/dx is rebuilt tile by tile from recomputed dots.
+A row-side kernel (one program per [BLOCK_M rows, BLOCK_DO features] block, sweeping the column tiles)
+accumulates dRows = scale * G @ cols and writes per-row sum(G * dot), sum(G) (and SigLIP's per-row loss);
+a column-side kernel mirrors it for dCols = scale * G^T @ rows. Every sum runs in a fixed order in one
+program, so the results are deterministic (no atomics); the scalar gradients are torch sums of the
+per-row partials. Cost: each side recomputes the dots once per D block, so 2 * (ceil(D / BLOCK_DO) + 1)
+GEMMs of Bi*Bt*D where the CPU kernel runs 3 with a per-thread scratch tile. NOT tuned on a GPU yet;
+a stripe scheme (G for BLOCK_M x Bt at a time in memory, then plain GEMMs) would reach 3 GEMMs for
+O(D * Bt) extra memory if the recompute shows up in profiles.
+
+SigLIP's gradient needs no row statistics, so with compute_grad the two gradient kernels are the whole
+operator (the row side also sums the loss); without it one 2-D grid of tiles sums the loss only.
+
+dtypes: statistics, G and every accumulator are fp32. The gradient GEMMs take G in the input dtype
+(tensor cores) as autograd would hold it. fp16 cannot hold G (1/(2B)-sized coefficients times small
+probabilities underflow it), so each fp16 G tile is multiplied by a power of two that puts its largest
+entry near 2^14 and the product is divided by it again (a per-tile block exponent); bf16 has fp32's
+exponent range and rounds G directly. Under the interpreter fp16/bf16 operands are widened to fp32 before
+tl.dot (exact, as the GPU's MMA products are): its bf16 dot runs numpy on the raw uint16 bits (garbage),
+and its fp16 dot is numpy's non-BLAS loop (measured 20x slower than fp32 on a 512 x 1024 x 64 tile); G
+is rounded to fp16/bf16 there by fp32 arithmetic (_round_fp16, _round_bf16), bit-identical to a rounding
+cast and ~10x cheaper than the interpreter's casts (whose fp32 -> bf16 also truncates instead of rounding).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.backend import KERNEL_DTYPES
+from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor
+from mmfast.triton._utils import INTERPRET, MIN_DOT_BLOCK, check_launchable, device_guard, dot_precision, pow2_block
+
+# G * 2^k with the largest |G| of a tile in [2^13, 2^14]: far below fp16's 65504 and 2^24 above its
+# smallest normal, so only entries 2^-24 below the tile's largest lose bits.
+FP16_G_EXPONENT: tl.constexpr = tl.constexpr(14.0)
+
+
+# ---- shared device functions ---------------------------------------------------------------------
+@triton.jit
+def _safe_max(m):
+    """A running max used as an exp() offset: -inf (nothing seen yet) becomes 0 so exp(-inf - 0) = 0."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _round_bf16(x):
+    """x rounded to bf16 (to nearest even) but kept in fp32, by bit operations: the interpreter's own
+    fp32 -> bf16 cast truncates and runs a per-bit Python loop over tiles holding zeros (40 ms a tile)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN would carry into the sign
+
+
+@triton.jit
+def _round_fp16(x):
+    """x (|x| < 65504) rounded to fp16 but kept in fp32, by fp32 arithmetic: Veltkamp's split keeps 11
+    significant bits; below fp16's smallest normal 2^-14, adding 0.75 (ulp 2^-24) rounds to its subnormal
+    grid. The interpreter's fp32 -> fp16 astype costs ~50 ms a 512 x 1024 tile (measured), this ~5 ms."""
+    c = x * 8193.0  # 2^13 + 1
+    hi = c - (c - x)
+    return tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, hi)
+
+
+@triton.jit
+def _store_grad(ptrs, acc, mask, UPCAST: tl.constexpr):
+    """Store an fp32 gradient block in the output dtype, rounded to nearest (under the interpreter the
+    fp32 -> bf16 cast truncates: round first, then the cast is exact)."""
+    if UPCAST:
+        if ptrs.dtype.element_ty == tl.bfloat16:
+            acc = _round_bf16(acc)
+    tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dot[BLOCK_M, BLOCK_N] = rows[offs_m] . cols[offs_n] in fp32 (0 outside the block)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        a = tl.load(r_ptr + rows[:, None] * s_rm + d[None, :] * s_rd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(c_ptr + cols[:, None] * s_cn + d[None, :] * s_cd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # interpreter, fp16/bf16: see the top
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _grad_mma(g, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_G: tl.constexpr):
+    """acc + g @ y with the fp32 gradient tile g rounded to y's dtype (fp16: with a block exponent).
+    Under the interpreter (UPCAST) g is rounded but kept in fp32 and y widened: the same products."""
+    if SCALE_G:
+        amax = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
+        usable = (amax > 0.0) & (amax < float("inf"))  # zero tile, or inf/NaN: left as it is (NaN stays NaN)
+        k = tl.where(usable, FP16_G_EXPONENT - tl.ceil(tl.log2(tl.where(usable, amax, 1.0))), 0.0)
+        k = tl.minimum(k, 120.0)  # keeps 2^k finite in fp32 for tiles of subnormal-sized entries
+        g = g * tl.exp2(k)
+    if UPCAST:
+        if y.dtype == tl.bfloat16:
+            g = _round_bf16(g)
+        else:
+            g = _round_fp16(g)
+        y = y.to(tl.float32)
+    else:
+        g = g.to(y.dtype)
+    if SCALE_G:
+        return acc + tl.dot(g, y, input_precision=PRECISION) * tl.exp2(-k)
+    return tl.dot(g, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _expm1(u):
+    """exp(u) - 1 without the cancellation near 0: Taylor to u^9 where |u| < 0.5 (truncation < 6e-10
+    relative), exp(u) - 1 elsewhere (a few ulp there). libdevice's expm1 does not run in the interpreter."""
+    p = u * (1.0 / 362880.0) + 1.0 / 40320.0
+    p = p * u + 1.0 / 5040.0
+    p = p * u + 1.0 / 720.0
+    p = p * u + 1.0 / 120.0
+    p = p * u + 1.0 / 24.0
+    p = p * u + 1.0 / 6.0
+    p = p * u + 0.5
+    p = (p * u + 1.0) * u
+    return tl.where(tl.abs(u) < 0.5, p, tl.exp(u) - 1.0)
+
+
+@triton.jit
+def _log1p_unit(e):
+    """log(1 + e) for e in [0, 1] as 2 atanh(z), z = e / (2 + e) <= 1/3: odd series to z^15 (truncation
+    < 2e-9 relative), exact for tiny e where log(1.0 + e) rounds to 0. Branch-free; no libdevice."""
+    z = e / (2.0 + e)
+    z2 = z * z
+    p = z2 * (1.0 / 15.0) + 1.0 / 13.0
+    p = p * z2 + 1.0 / 11.0
+    p = p * z2 + 1.0 / 9.0
+    p = p * z2 + 1.0 / 7.0
+    p = p * z2 + 1.0 / 5.0
+    p = p * z2 + 1.0 / 3.0
+    p = p * z2 + 1.0
+    return 2.0 * z * p
+
+
+@triton.jit
+def _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
+                    gc_ptr, clse_ptr, Bt, HAS_GR: tl.constexpr, HAS_GC: tl.constexpr, HAS_GP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G = dL/dx of a CLIP tile in fp32, 0 outside the block: gr_i exp(x - rs_i) + gc_j exp(x - cs_j), with
+    x = scale * dot and shift = lse - bias (x excludes the bias). The positive lane (when gp is given)
+    takes contrastive.h's clip_positive_grad: gr + gc + gp + gr expm1(x - rs) + gc expm1(x - cs), which
+    keeps the small value p - 1 of a confident positive (p - 1 itself would be rounding noise); its
+    column's gc and cs are loaded per row (BM loads, not two more masked tile reductions)."""
+    x = dot * scale
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_GR:
+        g += gr[:, None] * tl.exp(x - rs[:, None])
+    if HAS_GC:
+        g += gc[None, :] * tl.exp(x - cs[None, :])
+    if HAS_GP:
+        target = offs_m + label_offset
+        n0 = tl.min(offs_n, axis=0)
+        # Only tiles crossed by the positives' diagonal have work here.
+        if (tl.max(target, axis=0) >= n0) & (tl.min(target, axis=0) < n0 + BLOCK_N):
+            hit = target[:, None] == offs_n[None, :]
+            xp = tl.sum(tl.where(hit, x, 0.0), axis=1)
+            g_pos = gp
+            if HAS_GR:
+                g_pos += gr + tl.where(gr != 0.0, gr * _expm1(xp - rs), 0.0)
+            if HAS_GC:  # the positive's column statistics, loaded per row (rows without one: 0)
+                has = m_ok & (target >= n0) & (target < n0 + BLOCK_N) & (target < Bt)
+                gc_p = tl.load(gc_ptr + target, mask=has, other=0.0)
+                cs_p = tl.load(clse_ptr + target, mask=has, other=0.0) - bias
+                g_pos += gc_p + tl.where(gc_p != 0.0, gc_p * _expm1(xp - cs_p), 0.0)
+            g = tl.where(hit, g_pos[:, None], g)
+    # Padding lanes: exp of a padding logit against a zero shift may be inf (and 0 * inf NaN).
+    return tl.where(m_ok[:, None] & n_ok[None, :], g, 0.0)
+
+
+@triton.jit
+def _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS: tl.constexpr, WITH_LOSS: tl.constexpr,
+                 WITH_GRAD: tl.constexpr):
+    """(loss [BLOCK_M, BLOCK_N], G = dL/dx) of a SigLIP tile in fp32, 0 outside the block (each only when
+    asked). Negative pair: softplus(x), sigmoid(x); positive (i == j when HAS_POS): softplus(-x), -sigmoid(-x);
+    both from e = exp(-|x|) as contrastive.h's siglip_positive, so neither cancels for large |x|."""
+    x = dot * scale + bias
+    valid = m_ok[:, None] & n_ok[None, :]
+    if HAS_POS:
+        pos = offs_m[:, None] == offs_n[None, :]
+    else:
+        pos = tl.zeros(x.shape, dtype=tl.int1)
+    e = tl.exp(-tl.abs(x))
+    nonneg = x >= 0.0
+    loss = x
+    g = x
+    if WITH_LOSS:
+        loss = tl.where(valid, tl.maximum(tl.where(pos, -x, x), 0.0) + _log1p_unit(e), 0.0)
+    if WITH_GRAD:
+        # sigmoid(x) = 1/(1+e) (x >= 0) or e/(1+e); -sigmoid(-x) = -e/(1+e) (x >= 0) or -1/(1+e).
+        num = tl.where(pos, tl.where(nonneg, -e, -1.0), tl.where(nonneg, 1.0, e))
+        g = tl.where(valid, num / (1.0 + e), 0.0)
+    return loss, g
+
+
+# ---- CLIP forward --------------------------------------------------------------------------------
+@triton.jit
+def _clip_fwd_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr, pos_ptr,
+                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile: 2*BM*BN*D FLOPs, (BM+BN)*D loads; stores 2*(BM+BN) partials and the
+    positives it holds. Programs go GROUP_M row tiles at a time so neighbours share column tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Bi, BLOCK_M)
+    num_n = tl.cdiv(Bt, BLOCK_N)
+    group_width = GROUP_M * num_n
+    first_m = (pid // group_width) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_m
+    pid_n = (pid % group_width) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Bi
+    n_ok = offs_n < Bt
+    scale = tl.load(scale_ptr)
+    x = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                   BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale
+    # Rows: max and sum-exp over this tile's columns.
+    xr = tl.where(n_ok[None, :], x, float("-inf"))
+    m_r = tl.max(xr, axis=1)
+    s_r = tl.sum(tl.exp(xr - _safe_max(m_r)[:, None]), axis=1)
+    tl.store(rmax_ptr + pid_n.to(tl.int64) * Bi + offs_m, m_r, mask=m_ok)
+    tl.store(rsum_ptr + pid_n.to(tl.int64) * Bi + offs_m, s_r, mask=m_ok)
+    # Columns: over this tile's rows.
+    xc = tl.where(m_ok[:, None], x, float("-inf"))
+    m_c = tl.max(xc, axis=0)
+    s_c = tl.sum(tl.exp(xc - _safe_max(m_c)[None, :]), axis=0)
+    tl.store(cmax_ptr + pid_m.to(tl.int64) * Bt + offs_n, m_c, mask=n_ok)
+    tl.store(csum_ptr + pid_m.to(tl.int64) * Bt + offs_n, s_c, mask=n_ok)
+    # Positive logits of the rows whose column i + label_offset lies in this tile (pos_ptr is zeroed).
+    target = offs_m + label_offset
+    n0 = pid_n * BLOCK_N
+    if (tl.max(target, axis=0) >= n0) & (tl.min(target, axis=0) < n0 + BLOCK_N):
+        hit = target[:, None] == offs_n[None, :]
+        pos = tl.sum(tl.where(hit, x, 0.0), axis=1)
+        if HAS_BIAS:
+            pos += tl.load(bias_ptr)
+        has = m_ok & (target >= n0) & (target < n0 + BLOCK_N) & (target < Bt)
+        tl.store(pos_ptr + offs_m, pos, mask=has)
+
+
+@triton.jit
+def _lse_combine_kernel(max_ptr, sum_ptr, bias_ptr, lse_ptr, N, T, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """lse[n] = log sum_t sum_t[n] exp(max_t[n]) (+ bias) over the T per-tile partials [T, N], in tile order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    m_run = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(0, T):
+        m = tl.load(max_ptr + t * N + offs, mask=ok, other=float("-inf"))
+        l = tl.load(sum_ptr + t * N + offs, mask=ok, other=0.0)
+        m_new = tl.maximum(m_run, m)
+        off = _safe_max(m_new)
+        l_run = l_run * tl.exp(m_run - off) + l * tl.exp(m - off)
+        m_run = m_new
+    lse = m_run + tl.log(tl.where(ok, l_run, 1.0))  # padding lanes: no log(0) (numpy warns under the interpreter)
+    if HAS_BIAS:
+        lse += tl.load(bias_ptr)
+    tl.store(lse_ptr + offs, lse, mask=ok)
+
+
+# ---- gradient kernels ----------------------------------------------------------------------------
+@triton.jit
+def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr,
+                     out_ptr, sgd_ptr, sg_ptr, loss_ptr,
+                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
+                     SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
+                     HAS_GC: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     SCALE_G: tl.constexpr):
+    """grad_rows[rows, d-block] = scale * sum_j G[rows, j] cols[j, d-block]: BLOCK_M rows against every
+    column tile, 2*BM*Bt*(D + BDO) FLOPs. The pid_d == 0 programs also write per-row sum(G * dot) and
+    sum(G) (grad_scale's and grad_bias's shares) and, for SigLIP, the per-row loss."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Bi
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = offs_do < D
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
+    # Per-row CLIP inputs; lanes outside the block read 0 (their G is masked).
+    gr = tl.load(gr_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rs = tl.load(rlse_ptr + offs_m, mask=m_ok, other=0.0) - bias if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
+    gp = tl.load(gp_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GP else tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first = pid_d == 0
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    sum_gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, Bt, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Bt
+        dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        if SIGLIP:
+            l, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, True)
+            if first:
+                loss += tl.sum(l, axis=1)
+        else:
+            gc = tl.load(gc_ptr + offs_n, mask=n_ok, other=0.0) if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
+            cs = (tl.load(clse_ptr + offs_n, mask=n_ok, other=0.0) - bias if HAS_GC
+                  else tl.zeros((BLOCK_N,), dtype=tl.float32))
+            g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
+                                gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
+        if first:
+            sum_gd += tl.sum(g * dot, axis=1)
+            sum_g += tl.sum(g, axis=1)
+        y = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * s_cn + offs_do[None, :] * s_cd,
+                    mask=n_ok[:, None] & do_ok[None, :], other=0.0)
+        acc = _grad_mma(g, y, acc, PRECISION, UPCAST, SCALE_G)
+    rows = offs_m.to(tl.int64)
+    _store_grad(out_ptr + rows[:, None] * D + offs_do[None, :], acc * scale, m_ok[:, None] & do_ok[None, :], UPCAST)
+    tl.store(sgd_ptr + offs_m, sum_gd, mask=m_ok & first)
+    tl.store(sg_ptr + offs_m, sum_g, mask=m_ok & first)
+    if SIGLIP:
+        tl.store(loss_ptr + offs_m, loss, mask=m_ok & first)
+
+
+@triton.jit
+def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr, out_ptr,
+                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
+                     SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
+                     HAS_GC: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     SCALE_G: tl.constexpr):
+    """grad_cols[cols, d-block] = scale * sum_i G[i, cols] rows[i, d-block]: the mirror of _bwd_rows_kernel,
+    BLOCK_N columns against every row tile (the same G tiles, rebuilt by the same functions)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Bt
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = offs_do < D
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
+    gc = tl.load(gc_ptr + offs_n, mask=n_ok, other=0.0) if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cs = tl.load(clse_ptr + offs_n, mask=n_ok, other=0.0) - bias if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    for m0 in range(0, Bi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Bi
+        dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        if SIGLIP:
+            _, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, False, True)
+        else:
+            gr = tl.load(gr_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
+            rs = (tl.load(rlse_ptr + offs_m, mask=m_ok, other=0.0) - bias if HAS_GR
+                  else tl.zeros((BLOCK_M,), dtype=tl.float32))
+            gp = tl.load(gp_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GP else tl.zeros((BLOCK_M,), dtype=tl.float32)
+            g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
+                                gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
+        x = tl.load(r_ptr + offs_m.to(tl.int64)[:, None] * s_rm + offs_do[None, :] * s_rd,
+                    mask=m_ok[:, None] & do_ok[None, :], other=0.0)
+        acc = _grad_mma(tl.trans(g), x, acc, PRECISION, UPCAST, SCALE_G)
+    cols = offs_n.to(tl.int64)
+    _store_grad(out_ptr + cols[:, None] * D + offs_do[None, :], acc * scale, n_ok[:, None] & do_ok[None, :], UPCAST)
+
+
+# ---- SigLIP loss without gradients ---------------------------------------------------------------
+@triton.jit
+def _siglip_loss_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, part_ptr, Bi, Bt, D, s_rm, s_rd, s_cn, s_cd,
+                        HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """compute_grad=False: one tile's per-row loss sums into part[pid_n, rows] (a 2-D grid, one GEMM)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Bi
+    n_ok = offs_n < Bt
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
+    dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+    loss, _ = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, False)
+    tl.store(part_ptr + pid_n.to(tl.int64) * Bi + offs_m, tl.sum(loss, axis=1), mask=m_ok)
+
+
+# ---- host side: checks, block sizes, launches ----------------------------------------------------
+def _check_block(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    check_tensor("rows", rows, 2)
+    check_tensor("cols", cols, 2)
+    check_same_device_dtype(("rows", "cols"), rows, cols)
+    check_dim_match("rows", rows, 1, "cols", cols, 1, "feature dim D")
+    if rows.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"mmfast: {op} runs float32, float16 and bfloat16; got {rows.dtype}")
+    check_launchable(op, rows)
+
+
+def _scalar(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A 0-dim fp32 tensor on like's device, read by the kernels through its pointer (no host sync)."""
+    if t is None:
+        return None
+    if t.numel() != 1 or t.dim() > 1:
+        raise ValueError(f"mmfast: {name} must be a 0-dim or shape-[1] tensor, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"mmfast: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"mmfast: {name} is on {t.device} but rows is on {like.device}")
+    return t.reshape(()).to(torch.float32)
+
+
+def _vector(name: str, t: Optional[torch.Tensor], size: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A [size] fp32 statistic or upstream gradient on like's device (contiguous: it may come expanded)."""
+    if t is None:
+        return None
+    if t.dim() != 1 or t.shape[0] != size:
+        raise ValueError(f"mmfast: {name} must have shape [{size}], got {list(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"mmfast: {name} must be torch.float32, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"mmfast: {name} is on {t.device} but rows is on {like.device}")
+    return t.contiguous()
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages) per kernel family; BLOCK_DO is the feature
+# block of a gradient program. Under the interpreter every program and loop iteration costs tens of ms of
+# Python whatever its size, so it gets Triton's largest tile (2^20 elements; measured at B=8192 fp16:
+# 1024 x 1024 tiles 1.4x faster than 512 x 1024) and BLOCK_DO = 1024 (no recompute of the dots for
+# D <= 1024). GPU values are the similarity kernels' starting points, NOT tuned here (no GPU run yet).
+_BLOCKS = {
+    "interpret": {"forward": (1024, 1024, 256, 0, 4, 1), "backward": (1024, 1024, 256, 1024, 4, 1)},
+    "fp32": {"forward": (64, 64, 32, 0, 4, 2), "backward": (64, 64, 32, 64, 4, 2)},
+    "half": {"forward": (128, 64, 64, 0, 4, 3), "backward": (64, 64, 64, 128, 4, 2)},
+}
+
+
+def _blocks(kind: str, rows: torch.Tensor, cols: torch.Tensor):
+    """_BLOCKS[...][kind] clamped to the problem (every tl.dot dimension stays >= 16)."""
+    table = "interpret" if INTERPRET else ("fp32" if rows.dtype == torch.float32 else "half")
+    bm, bn, bd, bdo, warps, stages = _BLOCKS[table][kind]
+    d = rows.shape[1]
+    return (pow2_block(rows.shape[0], MIN_DOT_BLOCK, bm), pow2_block(cols.shape[0], MIN_DOT_BLOCK, bn),
+            pow2_block(d, MIN_DOT_BLOCK, bd), pow2_block(d, MIN_DOT_BLOCK, max(bdo, MIN_DOT_BLOCK)), warps, stages)
+
+
+def _dtype_flags(rows: torch.Tensor) -> dict:
+    return dict(PRECISION=dot_precision(rows.dtype), UPCAST=INTERPRET and rows.dtype != torch.float32)
+
+
+def _lse(maxes: torch.Tensor, sums: torch.Tensor, bias: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    tiles, n = maxes.shape
+    out = torch.empty(n, device=like.device, dtype=torch.float32)
+    block = pow2_block(n, 16, 65536 if INTERPRET else 1024)
+    _lse_combine_kernel[(triton.cdiv(n, block),)](maxes, sums, like if bias is None else bias, out, n, tiles,
+                                                  HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def _clip_forward(rows, cols, scale, bias, label_offset: int):
+    bi, d = rows.shape
+    bt = cols.shape[0]
+    bm, bn, bd, _, warps, stages = _blocks("forward", rows, cols)
+    tm, tn = triton.cdiv(bi, bm), triton.cdiv(bt, bn)
+    dev = rows.device
+    row_part = torch.empty(2, tn, bi, device=dev, dtype=torch.float32)  # (max, sum-exp) per column tile
+    col_part = torch.empty(2, tm, bt, device=dev, dtype=torch.float32)  # per row tile
+    pos = torch.zeros(bi, device=dev, dtype=torch.float32)  # rows whose positive is outside the block: 0
+    _clip_fwd_kernel[(tm * tn,)](
+        rows, cols, scale, scale if bias is None else bias, row_part[0], row_part[1], col_part[0], col_part[1], pos,
+        bi, bt, d, label_offset, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps,
+        num_stages=stages, **_dtype_flags(rows))
+    return _lse(row_part[0], row_part[1], bias, rows), _lse(col_part[0], col_part[1], bias, rows), pos
+
+
+def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = False, label_offset: int = 0,
+               row_lse=None, col_lse=None, grad_row=None, grad_col=None, grad_pos=None):
+    """(grad_rows, grad_cols, grad_scale, grad_bias, per-row loss or None) from the two gradient kernels."""
+    bi, d = rows.shape
+    bt = cols.shape[0]
+    bm, bn, bd, bdo, warps, stages = _blocks("backward", rows, cols)
+    dev = rows.device
+    dummy = scale  # stands in for pointers a mode does not read
+    ptrs = (rows, cols, scale, dummy if bias is None else bias, dummy if row_lse is None else row_lse,
+            dummy if col_lse is None else col_lse, dummy if grad_row is None else grad_row,
+            dummy if grad_col is None else grad_col, dummy if grad_pos is None else grad_pos)
+    sizes = (bi, bt, d, label_offset, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1))
+    common = dict(SIGLIP=siglip, HAS_POS=has_positives, HAS_BIAS=bias is not None, HAS_GR=grad_row is not None,
+                  HAS_GC=grad_col is not None, HAS_GP=grad_pos is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                  BLOCK_DO=bdo, SCALE_G=rows.dtype == torch.float16, num_warps=warps, num_stages=stages,
+                  **_dtype_flags(rows))
+    grad_rows = torch.empty(bi, d, device=dev, dtype=rows.dtype)
+    grad_cols = torch.empty(bt, d, device=dev, dtype=rows.dtype)
+    row_stats = torch.empty(3, bi, device=dev, dtype=torch.float32)  # sum(G * dot), sum(G), loss per row
+    _bwd_rows_kernel[(triton.cdiv(bi, bm), triton.cdiv(d, bdo))](*ptrs, grad_rows, row_stats[0], row_stats[1],
+                                                                 row_stats[2], *sizes, **common)
+    _bwd_cols_kernel[(triton.cdiv(bt, bn), triton.cdiv(d, bdo))](*ptrs, grad_cols, *sizes, **common)
+    return grad_rows, grad_cols, row_stats[0].sum(), row_stats[1].sum(), row_stats[2] if siglip else None
+
+
+# ---- the operators -------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "mmfast::clip_loss_block_triton", mutates_args=(),
+    schema="(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, int label_offset) "
+           "-> (Tensor row_lse, Tensor col_lse, Tensor pos_logits)")
+def clip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor,
+                           logit_bias: Optional[torch.Tensor], label_offset: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "clip_loss_block_triton"
+    _check_block(op, rows, cols)
+    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    with device_guard(rows):
+        return _clip_forward(rows, cols, scale, bias, label_offset)
+
+
+@torch.library.custom_op(
+    "mmfast::clip_loss_block_backward_triton", mutates_args=(),
+    schema="(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, int label_offset, Tensor row_lse, "
+           "Tensor col_lse, Tensor? grad_row_lse, Tensor? grad_col_lse, Tensor? grad_pos_logits) "
+           "-> (Tensor grad_rows, Tensor grad_cols, Tensor grad_logit_scale, Tensor grad_logit_bias)")
+def clip_loss_block_backward_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor,
+                                    logit_bias: Optional[torch.Tensor], label_offset: int, row_lse: torch.Tensor,
+                                    col_lse: torch.Tensor, grad_row_lse: Optional[torch.Tensor],
+                                    grad_col_lse: Optional[torch.Tensor], grad_pos_logits: Optional[torch.Tensor]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "clip_loss_block_backward_triton"
+    _check_block(op, rows, cols)
+    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    bi, bt = rows.shape[0], cols.shape[0]
+    row_lse, col_lse = _vector("row_lse", row_lse, bi, rows), _vector("col_lse", col_lse, bt, rows)
+    grad_row = _vector("grad_row_lse", grad_row_lse, bi, rows)
+    grad_col = _vector("grad_col_lse", grad_col_lse, bt, rows)
+    grad_pos = _vector("grad_pos_logits", grad_pos_logits, bi, rows)
+    with device_guard(rows):
+        gr, gc, gs, gb, _ = _gradients(rows, cols, scale, bias, siglip=False, label_offset=label_offset,
+                                       row_lse=row_lse, col_lse=col_lse, grad_row=grad_row, grad_col=grad_col,
+                                       grad_pos=grad_pos)
+    return gr, gc, gs, gb
+
+
+@torch.library.custom_op(
+    "mmfast::siglip_loss_block_triton", mutates_args=(),
+    schema="(Tensor rows, Tensor cols, Tensor logit_scale, Tensor? logit_bias, bool has_positives, "
+           "bool compute_grad) -> (Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_logit_scale, "
+           "Tensor grad_logit_bias)")
+def siglip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor,
+                             logit_bias: Optional[torch.Tensor], has_positives: bool, compute_grad: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "siglip_loss_block_triton"
+    _check_block(op, rows, cols)
+    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    bi, d = rows.shape
+    bt = cols.shape[0]
+    with device_guard(rows):
+        if compute_grad:
+            gr, gc, gs, gb, row_loss = _gradients(rows, cols, scale, bias, siglip=True, has_positives=has_positives)
+            return row_loss.sum(), gr, gc, gs, gb
+        bm, bn, bd, _, warps, stages = _blocks("forward", rows, cols)
+        tn = triton.cdiv(bt, bn)
+        part = torch.empty(tn, bi, device=rows.device, dtype=torch.float32)
+        _siglip_loss_kernel[(triton.cdiv(bi, bm), tn)](
+            rows, cols, scale, scale if bias is None else bias, part, bi, bt, d, rows.stride(0), rows.stride(1),
+            cols.stride(0), cols.stride(1), HAS_POS=has_positives, HAS_BIAS=bias is not None, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages, **_dtype_flags(rows))
+    # Four distinct empty tensors: outputs must not alias one another.
+    return (part.sum(), rows.new_empty(0), rows.new_empty(0), rows.new_empty(0, dtype=torch.float32),
+            rows.new_empty(0, dtype=torch.float32))
