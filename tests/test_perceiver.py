@@ -114,3 +114,24 @@ def test_bad_input():
         attn(torch.randn(2, 1, 5, 32), torch.randn(3, 1, 4, 32))
     with pytest.raises(ValueError, match="x must have 5 dimensions"):
         fused.OpenFlamingoPerceiverResampler(dim=32, depth=1)(torch.randn(2, 3, 4, 32))
+
+
+def test_modules_that_are_not_plain_are_called_as_modules():
+    """The fused paths use a Linear's weight directly only when it is a plain nn.Linear without hooks;
+    a hooked or wrapped layer (LoRA-style) must still run, and its effect must show in the output."""
+    model, model_ref = _pair(fused.PerceiverResampler, ref.PerceiverResampler, **SMALL)
+    x = torch.randn(2, 1, 9, 64)
+
+    def double_output(module, inputs, output):
+        return output * 2
+
+    for m in (model, model_ref):
+        m.layers[0][0].to_out.register_forward_hook(double_output)   # attention output projection
+        m.layers[1][1][3].register_forward_hook(double_output)       # second feed-forward Linear
+        m.layers[1][0].register_forward_pre_hook(lambda module, args: (args[0], args[1] * 0.5))
+    out, expected = model(x), model_ref(x)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=2e-5, atol=2e-5, msg=name)
