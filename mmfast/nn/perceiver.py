@@ -127,6 +127,7 @@ class PerceiverResampler(_ref.PerceiverResampler):
     `time_pos_emb` load into `media_pos_emb`."""
 
     attention_cls = PerceiverAttention
+    run_layers = staticmethod(_run_layers)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "time_pos_emb"
@@ -136,29 +137,19 @@ class PerceiverResampler(_ref.PerceiverResampler):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, (3, 4))
-        if x.ndim == 3:
-            x = x.unsqueeze(1)
-        b, times = x.shape[:2]
+        times = 1 if x.ndim == 3 else x.shape[1]
         if times > self.media_pos_emb.shape[0]:
             raise ValueError(f"mmfast: x has {times} media per sample but num_media_embeds is "
                              f"{self.media_pos_emb.shape[0]}")
-        x = x + self.media_pos_emb[:times]
-        latents = self.latents.expand(b, times, *self.latents.shape)
-        return self.norm(_run_layers(self.layers, x, latents))
+        return super().forward(x)
 
 
 class OpenFlamingoPerceiverResampler(_ref.OpenFlamingoPerceiverResampler):
     """open_flamingo's PerceiverResampler: x [b, T, F, v, D], optional frame_embs / media_time_embs."""
 
     attention_cls = PerceiverAttention
+    run_layers = staticmethod(_run_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, 5)
-        b, T, F_, v = x.shape[:4]
-        if self.frame_embs is not None:
-            x = x + self.frame_embs[:F_].unsqueeze(1)  # [F, 1, D] broadcasts over b, T and the v patches
-        x = x.reshape(b, T, F_ * v, x.shape[-1])
-        if self.media_time_embs is not None:
-            x = x + self.media_time_embs[:T]
-        latents = self.latents.expand(b, T, *self.latents.shape)
-        return self.norm(_run_layers(self.layers, x, latents))
+        return super().forward(x)

@@ -90,7 +90,8 @@ def _perceiver_layers(depth, dim, dim_head, heads, ff_mult, attention_cls):
 class PerceiverResampler(nn.Module):
     """flamingo-pytorch 0.1.2. forward(x [b, n, D] or [b, t, n, D]) -> [b, t, num_latents, D]
     (t = 1 for a 3-D x). Parameters: latents [m, D], media_pos_emb [num_media_embeds, 1, D]."""
-    attention_cls = PerceiverAttention  # mmfast.nn swaps in its fused attention, nothing else changes
+    attention_cls = PerceiverAttention  # mmfast.nn swaps in its fused attention ...
+    run_layers = staticmethod(_run_layers)  # ... and its layer loop (residuals in the GEMMs); the rest is shared
 
     def __init__(self, *, dim, depth, dim_head=64, heads=8, num_latents=64, num_media_embeds=4, ff_mult=4):
         super().__init__()
@@ -105,7 +106,7 @@ class PerceiverResampler(nn.Module):
         b, times = x.shape[:2]
         x = x + self.media_pos_emb[:times]
         latents = self.latents.expand(b, times, *self.latents.shape)
-        return self.norm(_run_layers(self.layers, x, latents))
+        return self.norm(self.run_layers(self.layers, x, latents))
 
 
 class OpenFlamingoPerceiverResampler(nn.Module):
@@ -113,6 +114,7 @@ class OpenFlamingoPerceiverResampler(nn.Module):
     frame_embs[:F] (if max_num_frames) is added per frame, frames and patches are flattened into
     F*v media tokens, media_time_embs[:T] (if max_num_media) is added per media item."""
     attention_cls = PerceiverAttention
+    run_layers = staticmethod(_run_layers)
 
     def __init__(self, *, dim, depth=6, dim_head=64, heads=8, num_latents=64, max_num_media=None,
                  max_num_frames=None, ff_mult=4):
@@ -132,4 +134,4 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         if self.media_time_embs is not None:
             x = x + self.media_time_embs[:T]
         latents = self.latents.expand(b, T, *self.latents.shape)
-        return self.norm(_run_layers(self.layers, x, latents))
+        return self.norm(self.run_layers(self.layers, x, latents))
