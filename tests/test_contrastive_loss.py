@@ -8,7 +8,7 @@ opcheck covers the schemas, fake impls and autograd registration of every operat
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, backend_device_params, rel_err
+from conftest import DEVICES, assert_close_to_reference, backend_device_params, rel_err
 from torch.library import opcheck
 
 import mmfast
@@ -350,3 +350,91 @@ def test_bad_operator_arguments_are_errors_not_crashes():
     with pytest.raises(RuntimeError, match="grad_row_lse must be Float"):
         torch.ops.mmfast.clip_loss_block_backward(rows, cols, scale, None, 0, row_lse, col_lse, row_lse.double(),
                                                   None, None)
+
+
+# ---- Triton forward: band grid, scratch O(Bi + Bt) -------------------------------------------------
+# (Issue 3 item 1: extra memory independent of B^2.) Small tiles and MAX_BANDS = 3 make several bands of
+# uneven tile counts at small B: 100 rows of 16-row tiles = 7 tiles in bands of 2, 2, 3.
+BAND_BLOCKS = (16, 16, 16, 0, 4, 1)  # a _BLOCKS "forward" entry: BLOCK_M, BLOCK_N, BLOCK_D, -, warps, stages
+
+
+def triton_contrastive_module():
+    skip_unless_implemented("triton")
+    import mmfast.triton.contrastive_loss as tc
+
+    return tc
+
+
+def scratch_bytes(tc, op, bi, bt, table):
+    return sum(4 * torch.Size(s).numel() for s in tc.forward_scratch_shapes(op, bi, bt, 128, table=table).values())
+
+
+@pytest.mark.parametrize("op", ["clip", "siglip"])
+def test_triton_forward_scratch_grows_linearly_in_batch(op):
+    tc = triton_contrastive_module()
+    per_row = 2 * 4 * tc.MAX_BANDS  # (max, sum-exp) fp32 per band, at most MAX_BANDS bands
+    for table in ("interpret", "fp32", "half"):
+        for bi, bt in [(1, 1), (1, 5000), (1000, 1000), (1000, 4000), (4000, 4000), (4096, 65536),
+                       (65536, 65536), (2 ** 20 + 3, 2 ** 20 - 5)]:
+            assert scratch_bytes(tc, op, bi, bt, table) <= per_row * (bi + bt), (table, bi, bt)
+        # Once a side has MAX_BANDS tiles, 4x the batch is exactly 4x the scratch (a B^2 / tile scheme: 16x).
+        assert scratch_bytes(tc, op, 65536, 65536, table) == 4 * scratch_bytes(tc, op, 16384, 16384, table)
+    assert scratch_bytes(tc, op, 4000, 4000, "fp32") == 4 * scratch_bytes(tc, op, 1000, 1000, "fp32")
+    assert scratch_bytes(tc, op, 65536, 65536, "half") <= 17 * 2 ** 20  # 0.8 GB with one partial per tile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_forward_bands_with_ragged_edges(monkeypatch, device):
+    """Several bands of uneven tile counts, B not a multiple of the tile, B below one tile, B = 1, both
+    label_offset signs, against float64; the launch allocates exactly forward_scratch_shapes()."""
+    tc = triton_contrastive_module()
+    monkeypatch.setattr(tc, "MAX_BANDS", 3)
+    for dtype in (torch.float32, torch.float16):
+        monkeypatch.setitem(tc._BLOCKS[tc._table(dtype)], "forward", BAND_BLOCKS)
+    allocated = []
+    empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        allocated.append(tuple(out.shape))
+        return out
+
+    gen = torch.Generator().manual_seed(12)
+    scale, bias = torch.tensor(2.5, device=device), torch.tensor(-1.0, device=device)
+    for Bi, Bt, offset, dtype in [(100, 70, 5, torch.float32), (70, 100, -20, torch.float16),
+                                  (13, 9, -2, torch.float32), (1, 1, 0, torch.float32), (1, 40, 3, torch.float32),
+                                  (40, 1, -39, torch.float32)]:
+        rows = torch.randn(Bi, 16, generator=gen).to(device, dtype)
+        cols = torch.randn(Bt, 16, generator=gen).to(device, dtype)
+        allocated.clear()
+        monkeypatch.setattr(torch, "empty", recording_empty)
+        row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block_triton(rows, cols, scale, bias, offset)
+        monkeypatch.setattr(torch, "empty", empty)
+        scratch = tc.forward_scratch_shapes("clip", Bi, Bt, 16, dtype)
+        assert [s for s in allocated if len(s) > 1] == list(scratch.values()), (allocated, scratch)
+        x = block_logits(rows.cpu(), cols.cpu(), 2.5, -1.0)
+        i = torch.arange(Bi)
+        inside = (i + offset >= 0) & (i + offset < Bt)
+        want_pos = torch.zeros(Bi, dtype=F64)
+        want_pos[inside] = x[i[inside], i[inside] + offset]
+        torch.testing.assert_close(row_lse.cpu().double(), x.logsumexp(1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(col_lse.cpu().double(), x.logsumexp(0), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(pos.cpu().double(), want_pos, rtol=1e-6, atol=1e-5)
+        # SigLIP without gradients runs the same band grid.
+        sign = 1.0 - 2.0 * torch.eye(Bi, Bt, dtype=F64)
+        loss = torch.ops.mmfast.siglip_loss_block_triton(rows, cols, scale, bias, True, False)[0]
+        want = F.softplus(sign * x).sum()
+        assert abs(loss.item() - want.item()) <= 1e-5 * want.item(), (Bi, Bt)
+    again = torch.ops.mmfast.clip_loss_block_triton(rows, cols, scale, bias, offset)
+    assert all(torch.equal(a, b) for a, b in zip(again, (row_lse, col_lse, pos)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_clip_loss_with_forward_bands_matches_float64_reference(monkeypatch, device):
+    tc = triton_contrastive_module()
+    monkeypatch.setattr(tc, "MAX_BANDS", 2)
+    monkeypatch.setitem(tc._BLOCKS[tc._table(torch.float32)], "forward", BAND_BLOCKS)
+    image, text = features(50, 16, seed=13, device=device)
+    compare("clip", loss_and_grads(cl.clip_loss, image, text, 100.0, None, torch.float32, backend="triton"),
+            loss_and_grads(ref.clip_loss, image, text, 100.0, None, F64),
+            loss_and_grads(ref.clip_loss, image, text, 100.0, None, torch.float32))

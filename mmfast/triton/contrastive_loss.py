@@ -8,19 +8,24 @@ impls and autograd are registered by mmfast/ops/contrastive_loss.py right after 
 
 Notation: rows [Bi, D], cols [Bt, D], dot_ij = rows_i . cols_j (fp32 accumulation whatever the input
 dtype), x_ij = scale * dot_ij + bias; the positive of row i is column i + label_offset (CLIP; SigLIP: i).
-The Bi x Bt logits are never stored; extra memory is O((Bi + Bt) * (D + tiles)), tiles = B / BLOCK.
+The Bi x Bt logits are never stored, nor anything of size B^2 / tile: the extra memory is O((Bi + Bt) * D)
+(gradients) plus O((Bi + Bt) * MAX_BANDS) fp32 scratch (forward), MAX_BANDS = 16.
 
-CLIP forward: one GEMM over a 2-D grid of [BLOCK_M, BLOCK_N] tiles. Each tile writes its per-row
-(max, sum-exp) over its columns and its per-column (max, sum-exp) over its rows, [T, B] fp32 partials,
-and the positive logits of the rows whose positive it holds; _lse_combine_kernel merges the T partials
-of each row (column) in tile order into the log-sum-exp. Chosen over one program per row block sweeping
-all column tiles (online row lse) because the column statistics then need either atomics or a second
-sweep (2 GEMMs), and a 2-D grid keeps every SM busy at small B. The partials cost 8 * (Bi*Tn + Bt*Tm)
-bytes (Tn = Bt / BLOCK_N, Tm = Bi / BLOCK_M): O(B^2 / BLOCK), at most the fp16 features' size while
-B <= D * BLOCK / 8, but 200 MB at B = 32768 with 128 x 64 tiles (the features: 2 x 50 MB). Bounding
-that would take programs that each sweep a band of tiles (a fixed number of partials per row). Two exps
-per logit: a shared tile max would underflow rows far below the tile's top row (scale 100 spreads
-logits over ~200).
+CLIP forward: one GEMM over [BLOCK_M, BLOCK_N] tiles, grouped into NB_R row bands x NB_C column bands of
+whole tiles (NB = min(tiles on that side, MAX_BANDS): at most 16 x 16 = 256 programs, one per band pair;
+one program per tile while a side has <= 16 tiles; rule and reasons at MAX_BANDS). A program sweeps its
+region row tile by row tile: the running (max, sum-exp) of the current row tile over the band's columns stay
+in registers and are written once per row tile to [NB_C, Bi] row partials; the running column statistics
+over the band's rows live in a [NB_R, Bt] scratch slice that only this program reads and writes (no atomics,
+no races; a block-wide barrier orders its store and the next row tile's load). _lse_combine_kernel then merges
+the NB_C (NB_R) band partials of each row (column) in band order: deterministic, and the band split depends
+on the shape and dtype only. Scratch: 2 x 4 bytes x (NB_C * Bi + NB_R * Bt) <= 128 bytes per row and per
+column (8.4 MB per side at B = 65536), where one partial per tile (the earlier 2-D grid of single tiles) cost
+O(B^2 / BLOCK), 200 MB at B = 32768. forward_scratch_shapes() reports the shapes. Cost: the same single
+GEMM; the column statistics add a load and a store of 2 x BLOCK_N floats per tile, and a band of few tiles
+per program fills the SMs less evenly than single tiles at mid-size B (NOT tuned on a GPU). Two exps per
+logit: a shared tile max would underflow rows far below the tile's top row (scale 100 spreads logits over
+~200).
 
 Backward (CLIP, and SigLIP with compute_grad): G = dL/dx is rebuilt tile by tile from recomputed dots.
 A row-side kernel (one program per [BLOCK_M rows, BLOCK_DO features] block, sweeping the column tiles)
@@ -33,7 +38,9 @@ a stripe scheme (G for BLOCK_M x Bt at a time in memory, then plain GEMMs) would
 O(D * Bt) extra memory if the recompute shows up in profiles.
 
 SigLIP's gradient needs no row statistics, so with compute_grad the two gradient kernels are the whole
-operator (the row side also sums the loss); without it one 2-D grid of tiles sums the loss only.
+operator (the row side also sums the loss); without it the forward's band grid sums each row's loss over a
+column band in registers ([NB_C, Bi] partials, then one torch sum). Neither backward kernel keeps more than
+O(Bi) per-row partials (sum(G * dot), sum(G), loss) besides the O(B * D) gradients.
 
 dtypes: statistics, G and every accumulator are fp32. The gradient GEMMs take G in the input dtype
 (tensor cores) as autograd would hold it. fp16 cannot hold G (1/(2B)-sized coefficients times small
@@ -233,55 +240,77 @@ def _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS: tl.const
 
 # ---- CLIP forward --------------------------------------------------------------------------------
 @triton.jit
-def _clip_fwd_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr, pos_ptr,
-                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile: 2*BM*BN*D FLOPs, (BM+BN)*D loads; stores 2*(BM+BN) partials and the
-    positives it holds. Programs go GROUP_M row tiles at a time so neighbours share column tiles in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Bi, BLOCK_M)
-    num_n = tl.cdiv(Bt, BLOCK_N)
-    group_width = GROUP_M * num_n
-    first_m = (pid // group_width) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_width) % group_m
-    pid_n = (pid % group_width) // group_m
+def _band(band, bands, tiles):
+    """Tiles [lo, hi) of band `band` of `bands`: an even split, band sizes differ by at most one tile."""
+    return band * tiles // bands, (band + 1) * tiles // bands
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < Bi
-    n_ok = offs_n < Bt
+
+@triton.jit
+def _clip_fwd_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr, pos_ptr,
+                     Bi, Bt, D, label_offset, NB_R, NB_C, s_rm, s_rd, s_cn, s_cd,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (band_r, band_c) sweeps the [BLOCK_M, BLOCK_N] tiles of row band band_r x column band band_c,
+    row tile by row tile. The running (max, sum-exp) of the current row tile over the band's columns stays
+    in registers and goes to rmax/rsum[band_c, rows] when the row tile is done; the running column
+    statistics over the band's rows live in cmax/csum[band_r, band's columns], a slice only this program
+    touches (no atomics). Each tile also stores the positive logits of the rows whose positive it holds."""
+    pid = tl.program_id(0)
+    band_r = pid // NB_C
+    band_c = pid % NB_C
+    m_lo, m_hi = _band(band_r, NB_R, tl.cdiv(Bi, BLOCK_M))
+    n_lo, n_hi = _band(band_c, NB_C, tl.cdiv(Bt, BLOCK_N))
     scale = tl.load(scale_ptr)
-    x = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                   BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale
-    # Rows: max and sum-exp over this tile's columns.
-    xr = tl.where(n_ok[None, :], x, float("-inf"))
-    m_r = tl.max(xr, axis=1)
-    s_r = tl.sum(tl.exp(xr - _safe_max(m_r)[:, None]), axis=1)
-    tl.store(rmax_ptr + pid_n.to(tl.int64) * Bi + offs_m, m_r, mask=m_ok)
-    tl.store(rsum_ptr + pid_n.to(tl.int64) * Bi + offs_m, s_r, mask=m_ok)
-    # Columns: over this tile's rows.
-    xc = tl.where(m_ok[:, None], x, float("-inf"))
-    m_c = tl.max(xc, axis=0)
-    s_c = tl.sum(tl.exp(xc - _safe_max(m_c)[None, :]), axis=0)
-    tl.store(cmax_ptr + pid_m.to(tl.int64) * Bt + offs_n, m_c, mask=n_ok)
-    tl.store(csum_ptr + pid_m.to(tl.int64) * Bt + offs_n, s_c, mask=n_ok)
-    # Positive logits of the rows whose column i + label_offset lies in this tile (pos_ptr is zeroed).
-    target = offs_m + label_offset
-    n0 = pid_n * BLOCK_N
-    if (tl.max(target, axis=0) >= n0) & (tl.min(target, axis=0) < n0 + BLOCK_N):
-        hit = target[:, None] == offs_n[None, :]
-        pos = tl.sum(tl.where(hit, x, 0.0), axis=1)
-        if HAS_BIAS:
-            pos += tl.load(bias_ptr)
-        has = m_ok & (target >= n0) & (target < n0 + BLOCK_N) & (target < Bt)
-        tl.store(pos_ptr + offs_m, pos, mask=has)
+    cmax_ptr += band_r.to(tl.int64) * Bt
+    csum_ptr += band_r.to(tl.int64) * Bt
+    for tile_m in range(m_lo, m_hi):
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Bi
+        m_row = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        s_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for tile_n in range(n_lo, n_hi):
+            n0 = tile_n * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < Bt
+            x = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale
+            # Rows: online log-sum-exp over the band's columns (two exps per logit in all: a shared tile max
+            # would underflow rows far below the tile's top row, scale 100 spreads logits over ~200).
+            xr = tl.where(n_ok[None, :], x, float("-inf"))
+            m_new = tl.maximum(m_row, tl.max(xr, axis=1))
+            off = _safe_max(m_new)
+            s_row = s_row * tl.exp(m_row - off) + tl.sum(tl.exp(xr - off[:, None]), axis=1)
+            m_row = m_new
+            # Columns: merge this tile's rows into the band's running statistics ((-inf, 0) before its first
+            # row tile, so the scratch needs no initialisation).
+            seen = n_ok & (tile_m > m_lo)
+            m_col = tl.load(cmax_ptr + offs_n, mask=seen, other=float("-inf"))
+            s_col = tl.load(csum_ptr + offs_n, mask=seen, other=0.0)
+            xc = tl.where(m_ok[:, None], x, float("-inf"))
+            m_new_c = tl.maximum(m_col, tl.max(xc, axis=0))
+            off_c = _safe_max(m_new_c)
+            s_col = s_col * tl.exp(m_col - off_c) + tl.sum(tl.exp(xc - off_c[None, :]), axis=0)
+            tl.store(cmax_ptr + offs_n, m_new_c, mask=n_ok)
+            tl.store(csum_ptr + offs_n, s_col, mask=n_ok)
+            # The next row tile reloads these columns in this program; threads of the block may hold other
+            # lanes of the load than of the store, so the stores must be visible block-wide first.
+            tl.debug_barrier()
+            # Positive logits of the rows whose column i + label_offset lies in this tile (pos_ptr is zeroed).
+            target = offs_m + label_offset
+            if (tl.max(target, axis=0) >= n0) & (tl.min(target, axis=0) < n0 + BLOCK_N):
+                hit = target[:, None] == offs_n[None, :]
+                pos = tl.sum(tl.where(hit, x, 0.0), axis=1)
+                if HAS_BIAS:
+                    pos += tl.load(bias_ptr)
+                has = m_ok & (target >= n0) & (target < n0 + BLOCK_N) & (target < Bt)
+                tl.store(pos_ptr + offs_m, pos, mask=has)
+        tl.store(rmax_ptr + band_c.to(tl.int64) * Bi + offs_m, m_row, mask=m_ok)
+        tl.store(rsum_ptr + band_c.to(tl.int64) * Bi + offs_m, s_row, mask=m_ok)
 
 
 @triton.jit
 def _lse_combine_kernel(max_ptr, sum_ptr, bias_ptr, lse_ptr, N, T, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """lse[n] = log sum_t sum_t[n] exp(max_t[n]) (+ bias) over the T per-tile partials [T, N], in tile order."""
+    """lse[n] = log sum_t sum_t[n] exp(max_t[n]) (+ bias) over the T per-band partials [T, N], in band order."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     m_run = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
@@ -400,22 +429,30 @@ def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
 
 # ---- SigLIP loss without gradients ---------------------------------------------------------------
 @triton.jit
-def _siglip_loss_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, part_ptr, Bi, Bt, D, s_rm, s_rd, s_cn, s_cd,
+def _siglip_loss_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, part_ptr, Bi, Bt, D, NB_R, NB_C, s_rm, s_rd, s_cn, s_cd,
                         HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """compute_grad=False: one tile's per-row loss sums into part[pid_n, rows] (a 2-D grid, one GEMM)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < Bi
-    n_ok = offs_n < Bt
+    """compute_grad=False: program (band_r, band_c) sums the loss of each row of its row band over the
+    columns of its column band (in registers, one row tile at a time) into part[band_c, rows]; one GEMM."""
+    pid = tl.program_id(0)
+    band_r = pid // NB_C
+    band_c = pid % NB_C
+    m_lo, m_hi = _band(band_r, NB_R, tl.cdiv(Bi, BLOCK_M))
+    n_lo, n_hi = _band(band_c, NB_C, tl.cdiv(Bt, BLOCK_N))
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
-    dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-    loss, _ = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, False)
-    tl.store(part_ptr + pid_n.to(tl.int64) * Bi + offs_m, tl.sum(loss, axis=1), mask=m_ok)
+    for tile_m in range(m_lo, m_hi):
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Bi
+        row_loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for tile_n in range(n_lo, n_hi):
+            offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < Bt
+            dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+            loss, _ = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, False)
+            row_loss += tl.sum(loss, axis=1)
+        tl.store(part_ptr + band_c.to(tl.int64) * Bi + offs_m, row_loss, mask=m_ok)
 
 
 # ---- host side: checks, block sizes, launches ----------------------------------------------------
@@ -467,13 +504,49 @@ _BLOCKS = {
 }
 
 
-def _blocks(kind: str, rows: torch.Tensor, cols: torch.Tensor):
-    """_BLOCKS[...][kind] clamped to the problem (every tl.dot dimension stays >= 16)."""
-    table = "interpret" if INTERPRET else ("fp32" if rows.dtype == torch.float32 else "half")
-    bm, bn, bd, bdo, warps, stages = _BLOCKS[table][kind]
-    d = rows.shape[1]
-    return (pow2_block(rows.shape[0], MIN_DOT_BLOCK, bm), pow2_block(cols.shape[0], MIN_DOT_BLOCK, bn),
-            pow2_block(d, MIN_DOT_BLOCK, bd), pow2_block(d, MIN_DOT_BLOCK, max(bdo, MIN_DOT_BLOCK)), warps, stages)
+def _table(dtype: torch.dtype) -> str:
+    """This process's _BLOCKS table for inputs of `dtype`."""
+    return "interpret" if INTERPRET else ("fp32" if dtype == torch.float32 else "half")
+
+
+def _blocks(kind: str, bi: int, bt: int, d: int, dtype: torch.dtype, table: Optional[str] = None):
+    """_BLOCKS[table or this process's][kind] clamped to the problem (every tl.dot dimension stays >= 16)."""
+    bm, bn, bd, bdo, warps, stages = _BLOCKS[table or _table(dtype)][kind]
+    return (pow2_block(bi, MIN_DOT_BLOCK, bm), pow2_block(bt, MIN_DOT_BLOCK, bn), pow2_block(d, MIN_DOT_BLOCK, bd),
+            pow2_block(d, MIN_DOT_BLOCK, max(bdo, MIN_DOT_BLOCK)), warps, stages)
+
+
+# The forward kernels split the tile grid into at most MAX_BANDS row bands x MAX_BANDS column bands, one
+# program each: min(tiles, MAX_BANDS) bands per side. A side of at most MAX_BANDS tiles gets one band per
+# tile (a small block keeps one program per tile, for the SMs to share), a larger block at most 256
+# programs (~2 per SM of an H100's 132), whose scratch is 2 x 4 bytes x MAX_BANDS per row and per column:
+# O(Bi + Bt), independent of B^2. The band counts depend on the shape and dtype only, never on the device,
+# so a result is the same whichever GPU computes it. NOT tuned on a GPU (16 keeps the scratch below the
+# fp16 features' own size for D >= 128 while every H100 SM gets a program).
+MAX_BANDS = 16
+
+
+def _forward_plan(op: str, bi: int, bt: int, d: int, dtype: torch.dtype, table: Optional[str] = None):
+    """(blocks, (row bands, column bands), {scratch name: shape}) of a forward launch; op "clip" or "siglip"
+    (compute_grad=False). The scratch tensors are fp32 and all the forward allocates besides its outputs."""
+    blocks = _blocks("forward", bi, bt, d, dtype, table)
+    nb_r = min(triton.cdiv(bi, blocks[0]), MAX_BANDS)
+    nb_c = min(triton.cdiv(bt, blocks[1]), MAX_BANDS)
+    if op == "clip":
+        scratch = {"row_partials": (2, nb_c, bi), "col_partials": (2, nb_r, bt)}  # (max, sum-exp) per band
+    elif op == "siglip":
+        scratch = {"row_loss_partials": (nb_c, bi)}
+    else:
+        raise ValueError(f"mmfast: op must be 'clip' or 'siglip', got {op!r}")
+    return blocks, (nb_r, nb_c), scratch
+
+
+def forward_scratch_shapes(op: str, bi: int, bt: int, d: int, dtype: torch.dtype = torch.float16,
+                           table: Optional[str] = None) -> dict:
+    """{name: shape} of the fp32 scratch the forward of `op` ("clip", or "siglip" without gradients) allocates
+    for rows [bi, d] and cols [bt, d]; table: a _BLOCKS key ("interpret", "fp32", "half"), default this
+    process's. The launchers allocate exactly these (tests check the sizes grow as bi + bt)."""
+    return _forward_plan(op, bi, bt, d, dtype, table)[2]
 
 
 def _dtype_flags(rows: torch.Tensor) -> dict:
@@ -481,10 +554,10 @@ def _dtype_flags(rows: torch.Tensor) -> dict:
 
 
 def _lse(maxes: torch.Tensor, sums: torch.Tensor, bias: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    tiles, n = maxes.shape
+    parts, n = maxes.shape
     out = torch.empty(n, device=like.device, dtype=torch.float32)
     block = pow2_block(n, 16, 65536 if INTERPRET else 1024)
-    _lse_combine_kernel[(triton.cdiv(n, block),)](maxes, sums, like if bias is None else bias, out, n, tiles,
+    _lse_combine_kernel[(triton.cdiv(n, block),)](maxes, sums, like if bias is None else bias, out, n, parts,
                                                   HAS_BIAS=bias is not None, BLOCK=block)
     return out
 
@@ -492,17 +565,16 @@ def _lse(maxes: torch.Tensor, sums: torch.Tensor, bias: Optional[torch.Tensor], 
 def _clip_forward(rows, cols, scale, bias, label_offset: int):
     bi, d = rows.shape
     bt = cols.shape[0]
-    bm, bn, bd, _, warps, stages = _blocks("forward", rows, cols)
-    tm, tn = triton.cdiv(bi, bm), triton.cdiv(bt, bn)
+    (bm, bn, bd, _, warps, stages), (nb_r, nb_c), shapes = _forward_plan("clip", bi, bt, d, rows.dtype)
     dev = rows.device
-    row_part = torch.empty(2, tn, bi, device=dev, dtype=torch.float32)  # (max, sum-exp) per column tile
-    col_part = torch.empty(2, tm, bt, device=dev, dtype=torch.float32)  # per row tile
+    row_part = torch.empty(shapes["row_partials"], device=dev, dtype=torch.float32)
+    col_part = torch.empty(shapes["col_partials"], device=dev, dtype=torch.float32)
     pos = torch.zeros(bi, device=dev, dtype=torch.float32)  # rows whose positive is outside the block: 0
-    _clip_fwd_kernel[(tm * tn,)](
+    _clip_fwd_kernel[(nb_r * nb_c,)](
         rows, cols, scale, scale if bias is None else bias, row_part[0], row_part[1], col_part[0], col_part[1], pos,
-        bi, bt, d, label_offset, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps,
-        num_stages=stages, **_dtype_flags(rows))
+        bi, bt, d, label_offset, nb_r, nb_c, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        **_dtype_flags(rows))
     return _lse(row_part[0], row_part[1], bias, rows), _lse(col_part[0], col_part[1], bias, rows), pos
 
 
@@ -511,7 +583,7 @@ def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = F
     """(grad_rows, grad_cols, grad_scale, grad_bias, per-row loss or None) from the two gradient kernels."""
     bi, d = rows.shape
     bt = cols.shape[0]
-    bm, bn, bd, bdo, warps, stages = _blocks("backward", rows, cols)
+    bm, bn, bd, bdo, warps, stages = _blocks("backward", bi, bt, d, rows.dtype)
     dev = rows.device
     dummy = scale  # stands in for pointers a mode does not read
     ptrs = (rows, cols, scale, dummy if bias is None else bias, dummy if row_lse is None else row_lse,
@@ -588,13 +660,12 @@ def siglip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale
         if compute_grad:
             gr, gc, gs, gb, row_loss = _gradients(rows, cols, scale, bias, siglip=True, has_positives=has_positives)
             return row_loss.sum(), gr, gc, gs, gb
-        bm, bn, bd, _, warps, stages = _blocks("forward", rows, cols)
-        tn = triton.cdiv(bt, bn)
-        part = torch.empty(tn, bi, device=rows.device, dtype=torch.float32)
-        _siglip_loss_kernel[(triton.cdiv(bi, bm), tn)](
-            rows, cols, scale, scale if bias is None else bias, part, bi, bt, d, rows.stride(0), rows.stride(1),
-            cols.stride(0), cols.stride(1), HAS_POS=has_positives, HAS_BIAS=bias is not None, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages, **_dtype_flags(rows))
+        (bm, bn, bd, _, warps, stages), (nb_r, nb_c), shapes = _forward_plan("siglip", bi, bt, d, rows.dtype)
+        part = torch.empty(shapes["row_loss_partials"], device=rows.device, dtype=torch.float32)
+        _siglip_loss_kernel[(nb_r * nb_c,)](
+            rows, cols, scale, scale if bias is None else bias, part, bi, bt, d, nb_r, nb_c, rows.stride(0),
+            rows.stride(1), cols.stride(0), cols.stride(1), HAS_POS=has_positives, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages, **_dtype_flags(rows))
     # Four distinct empty tensors: outputs must not alias one another.
     return (part.sum(), rows.new_empty(0), rows.new_empty(0), rows.new_empty(0, dtype=torch.float32),
             rows.new_empty(0, dtype=torch.float32))
