@@ -330,6 +330,15 @@ def _lse_combine_kernel(max_ptr, sum_ptr, bias_ptr, lse_ptr, N, T, HAS_BIAS: tl.
 
 # ---- gradient kernels ----------------------------------------------------------------------------
 @triton.jit
+def _optional_stats(ptr, offs, ok, shift, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
+    """ptr[offs] - shift (lanes outside the block read 0 - shift; their G is masked) when the gradient
+    input is present, else zeros: the per-row and per-column CLIP inputs of the two gradient kernels."""
+    if PRESENT:
+        return tl.load(ptr + offs, mask=ok, other=0.0) - shift
+    return tl.zeros((BLOCK,), dtype=tl.float32)
+
+
+@triton.jit
 def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr,
                      out_ptr, sgd_ptr, sg_ptr, loss_ptr,
                      Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
@@ -349,9 +358,9 @@ def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
     # Per-row CLIP inputs; lanes outside the block read 0 (their G is masked).
-    gr = tl.load(gr_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
-    rs = tl.load(rlse_ptr + offs_m, mask=m_ok, other=0.0) - bias if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
-    gp = tl.load(gp_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GP else tl.zeros((BLOCK_M,), dtype=tl.float32)
+    gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
+    rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
+    gp = _optional_stats(gp_ptr, offs_m, m_ok, 0.0, HAS_GP, BLOCK_M)
     first = pid_d == 0
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     sum_gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -367,9 +376,8 @@ def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
             if first:
                 loss += tl.sum(l, axis=1)
         else:
-            gc = tl.load(gc_ptr + offs_n, mask=n_ok, other=0.0) if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
-            cs = (tl.load(clse_ptr + offs_n, mask=n_ok, other=0.0) - bias if HAS_GC
-                  else tl.zeros((BLOCK_N,), dtype=tl.float32))
+            gc = _optional_stats(gc_ptr, offs_n, n_ok, 0.0, HAS_GC, BLOCK_N)
+            cs = _optional_stats(clse_ptr, offs_n, n_ok, bias, HAS_GC, BLOCK_N)
             g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
                                 gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
         if first:
@@ -403,8 +411,8 @@ def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
     do_ok = offs_do < D
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
-    gc = tl.load(gc_ptr + offs_n, mask=n_ok, other=0.0) if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
-    cs = tl.load(clse_ptr + offs_n, mask=n_ok, other=0.0) - bias if HAS_GC else tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gc = _optional_stats(gc_ptr, offs_n, n_ok, 0.0, HAS_GC, BLOCK_N)
+    cs = _optional_stats(clse_ptr, offs_n, n_ok, bias, HAS_GC, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for m0 in range(0, Bi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -414,10 +422,9 @@ def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
         if SIGLIP:
             _, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, False, True)
         else:
-            gr = tl.load(gr_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GR else tl.zeros((BLOCK_M,), dtype=tl.float32)
-            rs = (tl.load(rlse_ptr + offs_m, mask=m_ok, other=0.0) - bias if HAS_GR
-                  else tl.zeros((BLOCK_M,), dtype=tl.float32))
-            gp = tl.load(gp_ptr + offs_m, mask=m_ok, other=0.0) if HAS_GP else tl.zeros((BLOCK_M,), dtype=tl.float32)
+            gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
+            rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
+            gp = _optional_stats(gp_ptr, offs_m, m_ok, 0.0, HAS_GP, BLOCK_M)
             g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
                                 gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
         x = tl.load(r_ptr + offs_m.to(tl.int64)[:, None] * s_rm + offs_do[None, :] * s_rd,
