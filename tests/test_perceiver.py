@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, rel_err
 from mmfast.nn import perceiver as fused
 from mmfast.reference import perceiver as ref
 
@@ -135,3 +135,16 @@ def test_modules_that_are_not_plain_are_called_as_modules():
     expected.sum().backward()
     for (name, p), p_ref in zip(model.named_parameters(), model_ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_resampler_under_autocast_keeps_upstream_dtypes():
+    """torch.autocast (bf16 on the CPU): output dtype as upstream's (fp32 residual stream) and an error at
+    most 2x upstream's own under autocast, both against float64."""
+    model, model_ref = _pair(fused.PerceiverResampler, ref.PerceiverResampler, **SMALL)
+    x = torch.randn(2, 1, 20, 64)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, out_ref = model(x), model_ref(x)
+        out64 = model_ref.double()(x.double())
+    assert out.dtype == out_ref.dtype
+    assert rel_err(out, out64) <= max(2 * rel_err(out_ref, out64), 1e-3)

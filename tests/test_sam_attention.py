@@ -326,3 +326,18 @@ def test_two_way_transformer_on_gpu(device, dtype):
         for i, (o, o_lp, o64) in enumerate(zip(out, out_lowp, out64)):
             assert_close_to_reference(o.cpu(), o64, o_lp.cpu() if dtype in LOW_PRECISION else None,
                                       name=f"output {i} (shared image: {shared})")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-image", "per-prompt"])
+def test_two_way_transformer_under_autocast(shared):
+    """torch.autocast (bf16 on the CPU): the same output dtypes as upstream (the residual stream stays fp32)
+    and an error at most 2x upstream's own under autocast, both against float64."""
+    model, model_ref = pair(fused.TwoWayTransformer, ref.TwoWayTransformer, 2, 64, 4, 128, seed=21)
+    inputs = transformer_inputs(3, 64, 16, 16, 7, seed=22, shared_image=shared)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, out_ref = model(*inputs), model_ref(*inputs)
+        out64 = copy.deepcopy(model_ref).double()(*[x.double() for x in inputs])
+    for i, (o, o_ref, o64) in enumerate(zip(out, out_ref, out64)):
+        assert o.dtype == o_ref.dtype, f"output {i}: {o.dtype} under autocast, upstream gives {o_ref.dtype}"
+        assert rel_err(o, o64) <= max(2 * rel_err(o_ref, o64), 1e-3), f"output {i}"

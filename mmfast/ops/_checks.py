@@ -23,12 +23,14 @@ def check_tensor(name: str, x, ndim: int | tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def check_same_device_dtype(names: tuple[str, ...], *xs: torch.Tensor) -> None:
+def check_same_device_dtype(names: tuple[str, ...], *xs: torch.Tensor, same_dtype: bool = True) -> None:
+    """All on one device and (unless same_dtype=False: composite ops under torch.autocast, whose inner ops
+    cast) of one dtype."""
     first_name, first = names[0], xs[0]
     for name, x in zip(names[1:], xs[1:]):
         if x.device != first.device:
             raise ValueError(f"mmfast: {name} is on {x.device} but {first_name} is on {first.device}")
-        if x.dtype != first.dtype:
+        if same_dtype and x.dtype != first.dtype:
             raise TypeError(f"mmfast: {name} is {x.dtype} but {first_name} is {first.dtype}; pass one dtype")
 
 

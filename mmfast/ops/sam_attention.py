@@ -79,7 +79,10 @@ def _check(q, k, v, p: Projections, num_heads: int, residual):
     tensors = (("q", q), ("k", k), ("v", v)) + tuple(zip(Projections._fields, p))
     if residual is not None:
         tensors += (("residual", check_tensor("residual", residual, 3)),)
-    check_same_device_dtype(tuple(n for n, _ in tensors), *(t for _, t in tensors))
+    # Under autocast the activations' dtypes legitimately differ (LayerNorm outputs fp32, Linears bf16/fp16,
+    # as in upstream's module); every op below casts as upstream's do.
+    check_same_device_dtype(tuple(n for n, _ in tensors), *(t for _, t in tensors),
+                            same_dtype=not torch.is_autocast_enabled(q.device.type))
     internal, c_q = p.q_weight.shape
     if q.shape[-1] != c_q:
         raise ValueError(f"mmfast: q has {q.shape[-1]} channels but q_proj takes {c_q}")
@@ -193,14 +196,20 @@ def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections
     head_dim = projections.q_weight.shape[0] // num_heads
     scale = head_dim ** -0.5
     arrangement = plan(q.shape[0], k.shape[0], q.shape[1], k.shape[1], head_dim)
+    # Under autocast the residual is added after, as upstream adds it: the GEMM would return the sum in the
+    # autocast dtype (a bf16 residual stream), the add keeps the residual's precision (fp32 upstream).
+    separate_residual = residual is not None and torch.is_autocast_enabled(q.device.type)
+    gemm_residual = None if separate_residual else residual
     if backend == "reference" or arrangement == "projected" or arrangement == "shared_kv":
-        out = _projected(q, k, v, projections, num_heads, scale, residual, backend)
+        out = _projected(q, k, v, projections, num_heads, scale, gemm_residual, backend)
     elif arrangement == "few_queries":
-        out = _few_queries(q, k, v, projections, num_heads, scale, residual)
+        out = _few_queries(q, k, v, projections, num_heads, scale, gemm_residual)
     elif arrangement == "few_keys":
-        out = _few_keys(q, k, v, projections, num_heads, scale, residual)
+        out = _few_keys(q, k, v, projections, num_heads, scale, gemm_residual)
     else:
-        out = _shared_q_few_keys(q, k, v, projections, num_heads, scale, residual)
+        out = _shared_q_few_keys(q, k, v, projections, num_heads, scale, gemm_residual)
+    if separate_residual:
+        out = out + residual
     if norm is not None:
         weight, bias, eps = norm
         out = F.layer_norm(out, out.shape[-1:], weight, bias, eps)
