@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
+
+from mmfast.backend import KERNEL_DTYPES
+from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor, scalar_tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -48,3 +52,21 @@ def device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def check_feature_pair(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two [N, D] feature matrices of one device and kernel dtype, sharing D, launchable here (the
+    similarity and contrastive-loss ops take image/text or rows/cols)."""
+    check_tensor(names[0], a, 2)
+    check_tensor(names[1], b, 2)
+    check_same_device_dtype(names, a, b)
+    check_dim_match(names[0], a, 1, names[1], b, 1, "feature dim D")
+    if a.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"mmfast: {op} runs float32, float16 and bfloat16; got {a.dtype}")
+    check_launchable(op, a)
+
+
+def optional_scalar(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """None, or t as a 0-dim fp32 tensor on like's device, read by the kernels through its pointer (no
+    host sync); the checks are mmfast.ops._checks.scalar_tensor's."""
+    return None if t is None else scalar_tensor(name, t, like).to(torch.float32)

@@ -58,9 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backend import KERNEL_DTYPES
-from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor
-from mmfast.triton._utils import INTERPRET, MIN_DOT_BLOCK, check_launchable, device_guard, dot_precision, pow2_block
+from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, check_feature_pair, device_guard, dot_precision,
+                                  optional_scalar, pow2_block)
 
 # G * 2^k with the largest |G| of a tile in [2^13, 2^14]: far below fp16's 65504 and 2^24 above its
 # smallest normal, so only entries 2^-24 below the tile's largest lose bits.
@@ -463,29 +462,6 @@ def _siglip_loss_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, part_ptr, Bi, Bt, D, 
 
 
 # ---- host side: checks, block sizes, launches ----------------------------------------------------
-def _check_block(op: str, rows: torch.Tensor, cols: torch.Tensor) -> None:
-    check_tensor("rows", rows, 2)
-    check_tensor("cols", cols, 2)
-    check_same_device_dtype(("rows", "cols"), rows, cols)
-    check_dim_match("rows", rows, 1, "cols", cols, 1, "feature dim D")
-    if rows.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"mmfast: {op} runs float32, float16 and bfloat16; got {rows.dtype}")
-    check_launchable(op, rows)
-
-
-def _scalar(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A 0-dim fp32 tensor on like's device, read by the kernels through its pointer (no host sync)."""
-    if t is None:
-        return None
-    if t.numel() != 1 or t.dim() > 1:
-        raise ValueError(f"mmfast: {name} must be a 0-dim or shape-[1] tensor, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"mmfast: {name} must be a floating tensor, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"mmfast: {name} is on {t.device} but rows is on {like.device}")
-    return t.reshape(()).to(torch.float32)
-
-
 def _vector(name: str, t: Optional[torch.Tensor], size: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     """A [size] fp32 statistic or upstream gradient on like's device (contiguous: it may come expanded)."""
     if t is None:
@@ -619,8 +595,8 @@ def clip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale: 
                            logit_bias: Optional[torch.Tensor], label_offset: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "clip_loss_block_triton"
-    _check_block(op, rows, cols)
-    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    check_feature_pair(op, ("rows", "cols"), rows, cols)
+    scale, bias = optional_scalar("logit_scale", logit_scale, rows), optional_scalar("logit_bias", logit_bias, rows)
     with device_guard(rows):
         return _clip_forward(rows, cols, scale, bias, label_offset)
 
@@ -636,8 +612,8 @@ def clip_loss_block_backward_triton(rows: torch.Tensor, cols: torch.Tensor, logi
                                     grad_col_lse: Optional[torch.Tensor], grad_pos_logits: Optional[torch.Tensor]
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "clip_loss_block_backward_triton"
-    _check_block(op, rows, cols)
-    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    check_feature_pair(op, ("rows", "cols"), rows, cols)
+    scale, bias = optional_scalar("logit_scale", logit_scale, rows), optional_scalar("logit_bias", logit_bias, rows)
     bi, bt = rows.shape[0], cols.shape[0]
     row_lse, col_lse = _vector("row_lse", row_lse, bi, rows), _vector("col_lse", col_lse, bt, rows)
     grad_row = _vector("grad_row_lse", grad_row_lse, bi, rows)
@@ -659,8 +635,8 @@ def siglip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale
                              logit_bias: Optional[torch.Tensor], has_positives: bool, compute_grad: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "siglip_loss_block_triton"
-    _check_block(op, rows, cols)
-    scale, bias = _scalar("logit_scale", logit_scale, rows), _scalar("logit_bias", logit_bias, rows)
+    check_feature_pair(op, ("rows", "cols"), rows, cols)
+    scale, bias = optional_scalar("logit_scale", logit_scale, rows), optional_scalar("logit_bias", logit_bias, rows)
     bi, d = rows.shape
     bt = cols.shape[0]
     with device_guard(rows):

@@ -45,10 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backend import KERNEL_DTYPES
-from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor
-from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, check_launchable, device_guard, dot_precision,
-                                  pow2_block)
+from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, check_feature_pair, device_guard, dot_precision,
+                                  optional_scalar, pow2_block)
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 ACT_SOFTMAX: tl.constexpr = tl.constexpr(0)
@@ -526,31 +524,10 @@ def _bwd_text_side_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bia
 
 
 # ---- host side: checks, block sizes, launches ----------------------------------------------------
-def _check_features(op: str, image: torch.Tensor, text: torch.Tensor) -> None:
-    check_tensor("image", image, 2)
-    check_tensor("text", text, 2)
-    check_same_device_dtype(("image", "text"), image, text)
-    check_dim_match("image", image, 1, "text", text, 1, "feature dim D")
-    if image.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"mmfast: {op} runs float32, float16 and bfloat16; got {image.dtype}")
-    check_launchable(op, image)
-
-
 def _act_code(activation: str) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"mmfast: activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
     return ACTIVATIONS[activation]
-
-
-def _scalar(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A 0-dim fp32 tensor on like's device, read by the kernels through its pointer (no host sync)."""
-    if t is None:
-        return None
-    if t.numel() != 1 or t.dim() > 1:
-        raise ValueError(f"mmfast: {name} must be a 0-dim or shape-[1] tensor, got shape {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"mmfast: {name} is on {t.device} but image is on {like.device}")
-    return t.reshape(()).to(torch.float32)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel family. BLOCK_N is the class tile (the
@@ -701,9 +678,9 @@ def similarity_softmax_triton(image: torch.Tensor, text: torch.Tensor, logit_sca
                               logit_bias: Optional[torch.Tensor], normalize: bool, activation: str
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "similarity_softmax_triton"
-    _check_features(op, image, text)
+    check_feature_pair(op, ("image", "text"), image, text)
     act = _act_code(activation)
-    scale, bias = _scalar("logit_scale", logit_scale, image), _scalar("logit_bias", logit_bias, image)
+    scale, bias = optional_scalar("logit_scale", logit_scale, image), optional_scalar("logit_bias", logit_bias, image)
     with device_guard(image):
         inv_i, inv_t = _inv_norms(image, normalize), _inv_norms(text, normalize)
         return _forward(image, text, scale, bias, act, inv_i, inv_t), inv_i, inv_t
@@ -716,13 +693,13 @@ def similarity_softmax_backward_triton(grad_out: torch.Tensor, out: torch.Tensor
                                        activation: str
                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "similarity_softmax_backward_triton"
-    _check_features(op, image, text)
+    check_feature_pair(op, ("image", "text"), image, text)
     act = _act_code(activation)
     shape = (image.shape[0], text.shape[0])
     _check_saved("grad_out", grad_out, shape, image)
     _check_saved("out", out, shape, image)
     _check_inv_norms(inv_norm_image, inv_norm_text, image, text)
-    scale = _scalar("logit_scale", logit_scale, image)
+    scale = optional_scalar("logit_scale", logit_scale, image)
     with device_guard(image):
         delta = _row_dot(grad_out, out) if act == 0 else None
         return _backward(image, text, inv_norm_image.contiguous(), inv_norm_text.contiguous(), scale, None, act,
@@ -734,14 +711,14 @@ def similarity_topk_triton(image: torch.Tensor, text: torch.Tensor, logit_scale:
                            logit_bias: Optional[torch.Tensor], normalize: bool, activation: str, k: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "similarity_topk_triton"
-    _check_features(op, image, text)
+    check_feature_pair(op, ("image", "text"), image, text)
     act = _act_code(activation)
     if not 1 <= k <= text.shape[0]:
         raise ValueError(f"mmfast: topk must be in [1, C={text.shape[0]}], got {k}")
     if k > MAX_TOPK:
         raise ValueError(f"mmfast: the Triton backend supports topk up to {MAX_TOPK}, got topk={k}; "
                          "use another backend for larger k")
-    scale, bias = _scalar("logit_scale", logit_scale, image), _scalar("logit_bias", logit_bias, image)
+    scale, bias = optional_scalar("logit_scale", logit_scale, image), optional_scalar("logit_bias", logit_bias, image)
     with device_guard(image):
         inv_i, inv_t = _inv_norms(image, normalize), _inv_norms(text, normalize)
         values, indices, row_lse = _topk_forward(image, text, scale, bias, act, k, inv_i, inv_t)
@@ -756,7 +733,7 @@ def similarity_topk_backward_triton(grad_values: torch.Tensor, values: torch.Ten
                                     activation: str
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "similarity_topk_backward_triton"
-    _check_features(op, image, text)
+    check_feature_pair(op, ("image", "text"), image, text)
     act = _act_code(activation)
     shape = (image.shape[0], indices.shape[1] if indices.dim() == 2 else -1)
     _check_saved("indices", indices, shape, image, torch.int64)
@@ -764,7 +741,7 @@ def similarity_topk_backward_triton(grad_values: torch.Tensor, values: torch.Ten
     _check_saved("values", values, shape, image)
     _check_saved("row_lse", row_lse, (image.shape[0],), image, torch.float32)
     _check_inv_norms(inv_norm_image, inv_norm_text, image, text)
-    scale, bias = _scalar("logit_scale", logit_scale, image), _scalar("logit_bias", logit_bias, image)
+    scale, bias = optional_scalar("logit_scale", logit_scale, image), optional_scalar("logit_bias", logit_bias, image)
     # [N, k] tensors are small: contiguous copies (grad_values may arrive expanded) keep the kernels simple.
     grad_values, values, indices = grad_values.contiguous(), values.contiguous(), indices.contiguous()
     with device_guard(image):
