@@ -45,19 +45,19 @@
 #include <vector>
 
 #include "mmfast/checks.h"
+#include "mmfast/cross_attention_checks.h"
 #include "mmfast/online_softmax.h"
 
 namespace mmfast::cpu {
 namespace {
 
 namespace osm = mmfast::online_softmax;
+using namespace mmfast::cross_attention;
 
 constexpr int64_t kQueryBlock = 64;  // query rows per task/block
 // Keys per tile, a multiple of the fp32 and fp64 vector widths. 512-key tiles for SAM's 7 queries x 4096
 // keys (fewer per-row reductions and rescales) measured no faster than 64: loading K/V dominates there.
 constexpr int64_t kKeyTile = 64;
-constexpr int64_t kMinHeadDim = 16;
-constexpr int64_t kMaxHeadDim = 128;
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
@@ -477,51 +477,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const KeyV
   });
 }
 
-// ---- argument checks and the operator entry points ---------------------------------------------------
-#define CHECK_KERNEL_DTYPE(x)                                                                            \
-  MMFAST_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                      \
-                   (x).scalar_type() == at::kBFloat16 || (x).scalar_type() == at::kDouble,               \
-               #x " must be float32, float16, bfloat16 (or float64), got ", (x).scalar_type())
-
-// k (and v) must be [B, H, L >= 1, d] matching q; name says which argument.
-void check_keys(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* kname, const char* vname) {
-  MMFAST_CHECK(k.dim() == 4, kname, " must have 4 dimensions [B, H, Lk, d], got shape ", k.sizes());
-  MMFAST_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && k.size(2) >= 1,
-               kname, " must have shape [B, H, Lk >= 1, d] = [", q.size(0), ", ", q.size(1), ", Lk, ", q.size(3),
-               "] (from q), got ", k.sizes());
-  MMFAST_CHECK(v.sizes() == k.sizes(), vname, " must have ", kname, "'s shape ", k.sizes(), ", got ", v.sizes());
-  for (const at::Tensor* x : {&k, &v}) {
-    MMFAST_CHECK(x->scalar_type() == q.scalar_type(), kname, "/", vname, " are ", x->scalar_type(), " but q is ",
-                 q.scalar_type());
-    MMFAST_CHECK(x->device() == q.device(), kname, "/", vname, " are on ", x->device(), " but q is on ", q.device());
-  }
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k2,
-                  const std::optional<at::Tensor>& v2) {
-  MMFAST_CHECK_DIM(q, 4);
-  CHECK_KERNEL_DTYPE(q);
-  MMFAST_CHECK(q.size(0) >= 1 && q.size(1) >= 1 && q.size(2) >= 1, "q must not be empty, got shape ", q.sizes());
-  MMFAST_CHECK(q.size(3) >= kMinHeadDim && q.size(3) <= kMaxHeadDim, "head dim d (q.size(3)) must be in [",
-               kMinHeadDim, ", ", kMaxHeadDim, "], got ", q.size(3));
-  check_keys(q, k, v, "k", "v");
-  MMFAST_CHECK(k2.has_value() == v2.has_value(), "k2 and v2 must be given together (got ",
-               k2.has_value() ? "k2 without v2" : "v2 without k2", ")");
-  if (k2.has_value()) check_keys(q, *k2, *v2, "k2", "v2");
-}
-
-at::ScalarType stats_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The kernels need a unit stride on the head dim only.
-at::Tensor head_dim_contiguous(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
-
-// A gradient in its input's layout when that is dense with a contiguous head dim, else contiguous
-// (mirrored by the fake impl in mmfast/ops/cross_attention.py).
-at::Tensor grad_like(const at::Tensor& x) {
-  at::Tensor g = at::empty_like(x);
-  return g.stride(3) == 1 ? g : at::empty(x.sizes(), x.options());
-}
-
+// ---- the operator entry points (argument checks: mmfast/cross_attention_checks.h) ----------------------
 template <typename scalar_t>
 KeyValueSegments<scalar_t> segments(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k2,
                                     const std::optional<at::Tensor>& v2) {
@@ -534,7 +490,7 @@ KeyValueSegments<scalar_t> segments(const at::Tensor& k, const at::Tensor& v, co
 std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                        const at::Tensor& v_in, const std::optional<at::Tensor>& k2_in,
                                                        const std::optional<at::Tensor>& v2_in, double scale) {
-  check_inputs(q_in, k_in, v_in, k2_in, v2_in);
+  check_inputs(q_in, k_in, v_in, k2_in, v2_in, /*allow_double=*/true);
   const at::Tensor q = head_dim_contiguous(q_in), k = head_dim_contiguous(k_in), v = head_dim_contiguous(v_in);
   std::optional<at::Tensor> k2, v2;
   if (k2_in.has_value()) {
@@ -542,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q_in, c
     v2 = head_dim_contiguous(*v2_in);
   }
   const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), d = q.size(3);
-  at::Tensor out = at::empty({b, lq, h, d}, q.options()).transpose(1, 2);
+  at::Tensor out = empty_output(q);
   at::Tensor lse = at::empty({b, h, lq}, q.options().dtype(stats_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mmfast::cross_attention", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -555,16 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& k2_in, const std::optional<at::Tensor>& v2_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, double scale) {
-  check_inputs(q_in, k_in, v_in, k2_in, v2_in);
-  for (const at::Tensor* x : {&grad_out_in, &out_in}) {
-    MMFAST_CHECK(x->sizes() == q_in.sizes() && x->scalar_type() == q_in.scalar_type() && x->device() == q_in.device(),
-                 "grad_out and out must match q (shape ", q_in.sizes(), ", ", q_in.scalar_type(), "), got shape ",
-                 x->sizes(), ", ", x->scalar_type());
-  }
-  MMFAST_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q_in.sizes().slice(0, 3) &&
-                   lse_in.scalar_type() == stats_dtype(q_in) && lse_in.device() == q_in.device(),
-               "lse must be [B, H, Lq] = ", q_in.sizes().slice(0, 3), " in ", stats_dtype(q_in), ", got shape ",
-               lse_in.sizes(), ", ", lse_in.scalar_type());
+  check_inputs(q_in, k_in, v_in, k2_in, v2_in, /*allow_double=*/true);
+  check_backward_inputs(q_in, grad_out_in, out_in, lse_in);
   const at::Tensor q = head_dim_contiguous(q_in), k = head_dim_contiguous(k_in), v = head_dim_contiguous(v_in);
   const at::Tensor grad_out = head_dim_contiguous(grad_out_in), out = head_dim_contiguous(out_in);
   const at::Tensor lse = lse_in.contiguous();

@@ -22,54 +22,17 @@
 //
 // Determinism: no floating-point atomics anywhere; every reduction is a fixed tree per block, and
 // cross-block sums go through per-row partials and one fixed-order sum_pair block.
+#include "mmfast/cuda_launch.cuh"
 #include "mmfast/cuda_utils.cuh"
 #include "mmfast/similarity_softmax_cuda.h"
 
 #include <algorithm>
-#include <atomic>
 
 namespace mmfast::cuda {
 namespace {
 
-// ---- dtype dispatch ---------------------------------------------------------------------------
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return f(float{});
-    case DType::kFloat16:
-      return f(__half{});
-    case DType::kBFloat16:
-      return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-// Opt-in shared-memory limit per block of the current device (cached: the query is a driver call).
-int64_t max_dynamic_smem() {
-  static std::atomic<int> cache[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 48 * 1024;
-    }
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 // Grid size from a count the glue has bounded (rows < 2^31, see similarity_softmax_api.cpp).
 inline unsigned grid(int64_t n) { return static_cast<unsigned>(n); }
-
-// Dynamic shared memory above the default 48 KB needs the kernel's opt-in first.
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
 
 // Bytes that cache `cols` elements of T with the pad that aligns the body (see cached_row).
 template <typename T>

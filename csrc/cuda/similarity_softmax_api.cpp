@@ -22,25 +22,16 @@
 #include <tuple>
 
 #include "mmfast/checks.h"
+#include "mmfast/cuda_glue.h"
 #include "mmfast/similarity_softmax_cuda.h"
 
 namespace mmfast {
 namespace {
 
 namespace kc = mmfast::cuda;
-
-kc::DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kc::DType::kFloat32;
-    case at::kHalf:
-      return kc::DType::kFloat16;
-    case at::kBFloat16:
-      return kc::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "mmfast: CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
+using cuda_glue::aligned;
+using cuda_glue::current_stream;
+using cuda_glue::kernel_dtype;
 
 kc::Act kernel_act(Activation a) {
   switch (a) {
@@ -52,14 +43,6 @@ kc::Act kernel_act(Activation a) {
       break;
   }
   return kc::Act::kNone;
-}
-
-// The launchers' contract: contiguous, 16-byte aligned base. A contiguous view at an odd offset
-// (e.g. a row slice of a matrix) is copied once; everything mmfast allocates is aligned already.
-at::Tensor aligned(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
-  return c;
 }
 
 // Shared memory a softmax row may be cached in (similarity_softmax.cu, softmax_rows_kernel). 96 KB
@@ -81,8 +64,6 @@ int64_t chunk_width(int64_t rows, int64_t cols) {
   while (w > 128 && rows * w > (int64_t{1} << 26)) w /= 2;
   return std::min(w, cols);
 }
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 const float* ptr(const at::Tensor& t) { return t.data_ptr<float>(); }
 const float* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }

@@ -13,6 +13,12 @@
 
 #include "mmfast/online_softmax.h"
 
+// The block's dynamic shared memory as `type name[]`. A macro so that tests/native/cuda_emulation.h can
+// point it at its CPU buffer (it defines the macro first).
+#ifndef MMFAST_DYNAMIC_SMEM
+#define MMFAST_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace mmfast::cuda {
 
 // ---- dtype conversion: kernels load T, compute in fp32, store T ---------------------------------

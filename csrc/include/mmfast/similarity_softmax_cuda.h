@@ -12,9 +12,10 @@
 
 #include <cstdint>
 
+#include "mmfast/cuda_types.h"
+
 namespace mmfast::cuda {
 
-enum class DType { kFloat32, kFloat16, kBFloat16 };
 enum class Act { kSoftmax, kSigmoid, kNone };
 
 // Top-k limits: k <= kMaxTopK; class chunks of at most kMaxChunk columns (the top-k backward keeps

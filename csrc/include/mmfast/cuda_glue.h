@@ -1,0 +1,38 @@
+// Host-side helpers shared by the CUDA operators' glue (csrc/cuda/*_api.cpp, compiled by the host
+// compiler against torch): dtype mapping for the launchers, operand alignment and the current stream.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+#include "mmfast/checks.h"
+#include "mmfast/cuda_types.h"
+
+namespace mmfast::cuda_glue {
+
+inline cuda::DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "mmfast: CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// The row launchers' contract: contiguous, 16-byte aligned base. A contiguous view at an odd offset
+// (e.g. a row slice of a matrix) is copied once; everything mmfast allocates is aligned already.
+inline at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+}  // namespace mmfast::cuda_glue

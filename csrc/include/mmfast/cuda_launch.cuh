@@ -1,0 +1,61 @@
+// Host-side launch helpers shared by mmfast's .cu files (compiled by nvcc only): the DType -> C++
+// type dispatch and the opt-in for more than 48 KB of dynamic shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "mmfast/cuda_types.h"
+
+// Every kernel launch goes through this macro, so that tests/native/cuda_emulation.h can run the
+// kernels on CPU threads (it defines MMFAST_LAUNCH first): the kernels' index math, barriers and
+// shuffles are then tested on machines without a GPU.
+#ifndef MMFAST_LAUNCH
+#define MMFAST_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
+  kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__)
+#endif
+
+namespace mmfast::cuda {
+
+// f(T{}) with T = float, __half or __nv_bfloat16 per dtype; returns f's cudaError_t.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Opt-in shared-memory limit per block of the current device (cached: the query is a driver call).
+inline int64_t max_dynamic_smem() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 48 * 1024;
+    }
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// Dynamic shared memory above the default 48 KB needs the kernel's opt-in first.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace mmfast::cuda

@@ -1,0 +1,129 @@
+"""mmfast's CUDA kernels executed on the CPU: tests/native/cuda_emulation.h runs each CUDA thread as a CPU
+thread (barriers for __syncthreads, a per-warp exchange for shuffles) and the .cu file is compiled as host
+code with the kernels' real launchers. This checks what a GPU-less machine otherwise cannot: index math,
+ragged tiles, both key segments, strided/expanded operands, the online softmax and the fused backward of
+csrc/cuda/cross_attention.cu, against the float64 reference, fp32/fp16/bf16. It cannot show races that
+only a GPU's scheduling exposes, nor speed: benchmarks/gpu_check.sh runs the same kernels on a card.
+"""
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_attention_grad_close, assert_close_to_reference
+from mmfast.reference.perceiver import perceiver_cross_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+HARNESS = ROOT / "tests" / "native" / "cross_attention_emulated.cpp"
+SOURCES = [HARNESS, ROOT / "tests" / "native" / "cuda_emulation.h", ROOT / "csrc" / "cuda" / "cross_attention.cu",
+           *sorted((ROOT / "csrc" / "include" / "mmfast").glob("*.h*"))]
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """The emulated kernels' driver, compiled once per session (~10 s)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        pytest.skip(f"needs a C++20 compiler and the CUDA headers ({CUDA_INCLUDE}/cuda_fp16.h)")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    exe = tmp_path_factory.getbasetemp() / f"cross_attention_emulated-{digest}"
+    if not exe.exists():
+        subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}",
+                        str(HARNESS), "-o", str(exe)], check=True, capture_output=True, text=True)
+    return exe
+
+
+def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows_major=False):
+    """Forward + backward of the CUDA kernels under emulation: (out, lse, [grad_q, grad_k, grad_v, grad_k2,
+    grad_v2]) in fp32; with expand, k/v hold batch 1 (read with batch stride 0) and their gradients come
+    back summed over the batch, as autograd's expand would."""
+    q, k, v, k2, v2 = tensors
+    b, h, lq, d = q.shape
+    lk2 = 0 if k2 is None else k2.shape[2]
+    header = struct.pack("<8qd", DTYPE_CODES[dtype], b, h, lq, d, k.shape[2], lk2,
+                         int(expand) | (2 if q_rows_major else 0), scale)
+    arrays = [q, k, v] + ([k2, v2] if lk2 else []) + [grad]
+    (tmp_path / "in.bin").write_bytes(header + b"".join(t.float().contiguous().numpy().tobytes() for t in arrays))
+    subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=600)
+    flat = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
+    shapes = [q.shape, (b, h, lq), q.shape] + [(b, h, t.shape[2], d) for t in arrays[1:-1]]
+    outs, offset = [], 0
+    for shape in shapes:
+        n = torch.Size(shape).numel()
+        outs.append(flat[offset:offset + n].reshape(shape))
+        offset += n
+    assert offset == flat.numel()
+    grads = outs[2:]
+    if expand:
+        grads = [grads[0]] + [g.sum(0, keepdim=True) for g in grads[1:]]
+    grads += [None, None] if not lk2 else []
+    return outs[0], outs[1], grads
+
+
+def reference(tensors, grad, dtype, scale, b):
+    """out, lse and the five gradients of the reference in dtype (float64 for the oracle), on CPU."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+    q, k, v, k2, v2 = (None if t is None else t.expand(b, -1, -1, -1) for t in leaves)
+    out = perceiver_cross_attention(q, k, v, k2, v2, scale=scale)
+    out.backward(grad.to(dtype))
+    keys = k if k2 is None else torch.cat((k, k2), 2)
+    lse = torch.logsumexp(scale * q.double() @ keys.double().transpose(-1, -2), -1)
+    return out.detach(), lse.detach(), [None if t is None else t.grad for t in leaves]
+
+
+# (B, H, Lq, Lk, Lk2, d); chosen to cross every tile edge: 64-row blocks, 64-key forward tiles, 32-row
+# backward tiles, both segments, padded head dims (40 -> 64, 96 -> 128) and single rows.
+SHAPES = {
+    "ragged-two-segments": (2, 3, 70, 130, 5, 40),
+    "sam-t2i-d16": (2, 2, 7, 300, 0, 16),
+    "one-key-one-query-d128": (1, 2, 1, 1, 0, 128),
+    "d96-k2": (1, 2, 33, 65, 31, 96),
+    "d32-k2-1": (1, 1, 65, 64, 1, 32),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape):
+    b, h, lq, lk, lk2, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64) if s[2] else None for s in dims]
+    # Inputs rounded to dtype first: kernel and references see the same numbers.
+    tensors = [None if t is None else t.to(dtype).double() for t in tensors]
+    grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
+    scale = d ** -0.5
+    out, lse, grads = emulated(harness, tmp_path, tensors, grad, dtype, scale)
+    out64, lse64, grads64 = reference(tensors, grad, torch.float64, scale, b)
+    low = None if dtype == torch.float32 else reference(tensors, grad, dtype, scale, b)
+    assert_close_to_reference(out.to(dtype), out64, None if low is None else low[0], name="out")
+    assert_close_to_reference(lse, lse64, name="lse")
+    for i, name in enumerate(("q", "k", "v", "k2", "v2")):
+        assert (grads[i] is None) == (grads64[i] is None), name
+        if grads[i] is not None:
+            assert_attention_grad_close(grads[i].to(dtype), grads64[i], None if low is None else low[2][i],
+                                        grads64[2], name=f"grad {name}")
+
+
+def test_cuda_cross_attention_strided_q_and_expanded_kv_emulated(harness, tmp_path):
+    """q laid out [B, Lq, H, d] (a permuted projection) and one image's keys/values read with batch stride 0
+    by every prompt (SAM's shared image): same numbers as dense inputs, gradients summed over the batch."""
+    b, h, lq, lk, lk2, d = 3, 2, 9, 70, 4, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
+    kv = [torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for n in (lk, lk, lk2, lk2)]
+    tensors = [q, *kv]
+    grad = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
+    out, lse, grads = emulated(harness, tmp_path, tensors, grad, torch.float32, 0.3, expand=True, q_rows_major=True)
+    out64, lse64, grads64 = reference(tensors, grad, torch.float64, 0.3, b)
+    assert_close_to_reference(out, out64, name="out")
+    assert_close_to_reference(lse, lse64, name="lse")
+    for name, got, want in zip(("q", "k", "v", "k2", "v2"), grads, grads64):
+        assert_attention_grad_close(got, want, None, grads64[2], name=f"grad {name}")
