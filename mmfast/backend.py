@@ -85,6 +85,13 @@ except ImportError as e:
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def has_native_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for torch.ops.mmfast.<op_name> under dispatch_key
+    ("CPU", "CUDA"): an op's "cuda" implementation exists only where its CUDA kernels were built."""
+    return (_C is not None and hasattr(torch.ops.mmfast, op_name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast::{op_name}", dispatch_key))
+
+
 def _why_unavailable(name: str, device: torch.device) -> str | None:
     """None when backend `name` can run on `device`, else the reason it cannot."""
     if name == "reference":

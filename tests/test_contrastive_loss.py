@@ -184,20 +184,79 @@ def block_logits(rows, cols, scale, bias):
     return scale * rows.double() @ cols.double().T + (0.0 if bias is None else bias)
 
 
+def assert_clip_block_statistics(row_lse, col_lse, pos, x, offset):
+    """clip_loss_block's outputs vs the float64 logits x [Bi, Bt]: the rows' and columns' log-sum-exps and
+    the positive logits x[i, i + offset] (0 where that column is outside the block)."""
+    i = torch.arange(x.shape[0])
+    inside = (i + offset >= 0) & (i + offset < x.shape[1])
+    want_pos = torch.zeros(x.shape[0], dtype=F64)
+    want_pos[inside] = x[i[inside], i[inside] + offset]
+    torch.testing.assert_close(row_lse.cpu().double(), x.logsumexp(1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(col_lse.cpu().double(), x.logsumexp(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(pos.cpu().double(), want_pos, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("Bi,Bt,offset", [(7, 7, 0), (5, 9, 3), (9, 5, -2), (600, 1100, 513), (1030, 520, -700),
                                           (4, 4, 10)])
 def test_clip_block_statistics_with_label_offset(Bi, Bt, offset):
     gen = torch.Generator().manual_seed(3)
     rows, cols = torch.randn(Bi, 24, generator=gen), torch.randn(Bt, 24, generator=gen)
     row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block(rows, cols, torch.tensor(2.5), torch.tensor(-1.0), offset)
-    x = block_logits(rows, cols, 2.5, -1.0)
+    assert_clip_block_statistics(row_lse, col_lse, pos, block_logits(rows, cols, 2.5, -1.0), offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_block_operators_across_column_chunks_match_float64(device, dtype):
+    """The three block operators on the native kernels of `device` against float64 on the rounded inputs.
+    Bt = 4136 > 4096: two column chunks in the CUDA kernels (several 512-column tiles on the CPU), with
+    positives straddling the chunk boundary (offset 4080) or partly outside the block (offset -10).
+    Upstream coefficients of 1e-5 (CLIP's 1/(2B) at B = 50000) make every dL/dx entry subnormal in fp16:
+    rounded as they are, the fp16 feature gradients are off by ~4.5e-3 (measured in an emulation), so
+    passing 2 fp16 epsilons needs the rescaled gradient tile (csrc/cuda/contrastive_loss.cu: ~3e-4)."""
+    if device == "cuda" and "cuda" not in cl.IMPLEMENTATIONS:
+        pytest.skip(f"this extension has no CUDA kernels for the contrastive-loss ops ({cl.IMPLEMENTATIONS})")
+    gen = torch.Generator().manual_seed(14)
+    Bi, Bt, D, scale, bias = 24, 4136, 16, 30.0, -1.0
+    rows = F.normalize(torch.randn(Bi, D, generator=gen), dim=-1).to(dtype)
+    cols = F.normalize(torch.randn(Bt, D, generator=gen), dim=-1).to(dtype)
+    r64, c64 = rows.double(), cols.double()
+    dots = r64 @ c64.T
+    x = scale * dots + bias
+    dev = {"device": device}
+    args = (rows.to(device), cols.to(device), torch.tensor(scale, **dev), torch.tensor(bias, **dev))
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     i = torch.arange(Bi)
-    inside = (i + offset >= 0) & (i + offset < Bt)
-    want_pos = torch.zeros(Bi, dtype=F64)
-    want_pos[inside] = x[i[inside], i[inside] + offset]
-    torch.testing.assert_close(row_lse.double(), x.logsumexp(1), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(col_lse.double(), x.logsumexp(0), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(pos.double(), want_pos, rtol=1e-6, atol=1e-5)
+
+    def check_grads(got, G, name):
+        want = (scale * G @ c64, scale * G.T @ r64, (G * dots).sum(), G.sum())
+        for k, part in enumerate(("rows", "cols")):
+            err = rel_err(got[k].cpu(), want[k])
+            assert got[k].dtype == dtype and err <= tol, (name, part, err)
+        # The scalar gradients sum B^2 terms of both signs: their error is relative to the sum of |terms|.
+        assert abs(got[2].item() - want[2].item()) <= 1e-5 * (G * dots).abs().sum().item(), (name, "scale")
+        assert abs(got[3].item() - want[3].item()) <= 1e-5 * G.abs().sum().item(), (name, "bias")
+
+    for offset in (4080, -10):
+        row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block(*args, offset)
+        assert_clip_block_statistics(row_lse, col_lse, pos, x, offset)
+        inside = (i + offset >= 0) & (i + offset < Bt)
+        gr, gc, gp = (1e-5 * torch.randn(n, generator=gen) for n in (Bi, Bt, Bi))
+        got = torch.ops.mmfast.clip_loss_block_backward(*args, offset, row_lse, col_lse, gr.to(device), gc.to(device),
+                                                        gp.to(device))
+        rl, cl_ = row_lse.cpu().double(), col_lse.cpu().double()  # the backward's P uses the given lses
+        G = gr.double()[:, None] * (x - rl[:, None]).exp() + gc.double()[None, :] * (x - cl_[None, :]).exp()
+        G[i[inside], i[inside] + offset] += gp.double()[inside]
+        check_grads(got, G, f"clip offset {offset}")
+
+    for has_positives in (True, False):
+        positive = torch.zeros(Bi, Bt, dtype=torch.bool)
+        if has_positives:
+            positive[i, i] = True
+        loss, *grads = torch.ops.mmfast.siglip_loss_block(*args, has_positives, True)
+        want_loss = F.softplus(torch.where(positive, -x, x)).sum()
+        assert abs(loss.item() - want_loss.item()) <= 1e-5 * want_loss.item()
+        check_grads(grads, torch.sigmoid(x) - positive.double(), f"siglip has_positives={has_positives}")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -330,7 +389,11 @@ def test_bad_input_errors_name_the_argument(loss_name):
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             fused(*args)
-    with pytest.raises(mmfast.BackendUnavailableError, match="has no 'cuda' implementation"):
+    # backend='cuda' on CPU tensors: an error naming the device where the CUDA kernels are built, else
+    # one saying the op has no such implementation.
+    cuda_error = ("backend 'cuda' runs CUDA tensors; these are on cpu" if "cuda" in cl.IMPLEMENTATIONS
+                  else "has no 'cuda' implementation")
+    with pytest.raises(mmfast.BackendUnavailableError, match=cuda_error):
         fused(image, text, 1.0, None, backend="cuda")
 
 
@@ -413,13 +476,7 @@ def test_triton_forward_bands_with_ragged_edges(monkeypatch, device):
         scratch = tc.forward_scratch_shapes("clip", Bi, Bt, 16, dtype)
         assert [s for s in allocated if len(s) > 1] == list(scratch.values()), (allocated, scratch)
         x = block_logits(rows.cpu(), cols.cpu(), 2.5, -1.0)
-        i = torch.arange(Bi)
-        inside = (i + offset >= 0) & (i + offset < Bt)
-        want_pos = torch.zeros(Bi, dtype=F64)
-        want_pos[inside] = x[i[inside], i[inside] + offset]
-        torch.testing.assert_close(row_lse.cpu().double(), x.logsumexp(1), rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(col_lse.cpu().double(), x.logsumexp(0), rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(pos.cpu().double(), want_pos, rtol=1e-6, atol=1e-5)
+        assert_clip_block_statistics(row_lse, col_lse, pos, x, offset)
         # SigLIP without gradients runs the same band grid.
         sign = 1.0 - 2.0 * torch.eye(Bi, Bt, dtype=F64)
         loss = torch.ops.mmfast.siglip_loss_block_triton(rows, cols, scale, bias, True, False)[0]

@@ -32,6 +32,7 @@ namespace kc = mmfast::cuda;
 using cuda_glue::aligned;
 using cuda_glue::current_stream;
 using cuda_glue::kernel_dtype;
+using cuda_glue::scalar_arg;
 
 kc::Act kernel_act(Activation a) {
   switch (a) {
@@ -82,13 +83,6 @@ void check_features(const at::Tensor& image, const at::Tensor& text) {
   // One block per row (grid.x < 2^31) and class indices in 32 bits (the top-k keys).
   MMFAST_CHECK(image.size(0) <= std::numeric_limits<int32_t>::max(), "image has too many rows (", image.size(0), ")");
   MMFAST_CHECK(text.size(0) <= std::numeric_limits<int32_t>::max(), "text has too many rows (", text.size(0), ")");
-}
-
-// A 0-dim / [1] scalar on the features' device as a 0-dim fp32 tensor (a no-op for what the Python
-// layer passes; a float64 scalar is converted on the device, without a sync).
-at::Tensor scalar_arg(const at::Tensor& value, const char* name, const at::Tensor& like) {
-  check_scalar_tensor(value, name, like);
-  return value.reshape({}).to(at::kFloat).contiguous();
 }
 
 std::optional<at::Tensor> bias_arg(const std::optional<at::Tensor>& bias, const at::Tensor& like) {

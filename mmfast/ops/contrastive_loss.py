@@ -4,6 +4,8 @@ Operators (schemas and block semantics in csrc/mmfast.cpp):
   mmfast::clip_loss_block              row/column log-sum-exps and positive logits of a rows x cols block
   mmfast::clip_loss_block_backward     its gradient given (global) lses and upstream coefficients
   mmfast::siglip_loss_block            the SigLIP loss sum of a block and its gradients, in one pass
+                                       (CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda: backends
+                                       "cpu" and "cuda" call the same operators)
   mmfast::*_triton                     Triton kernels (mmfast/triton/contrastive_loss.py), when that exists
 None of them builds the B x B logits. A single process is one block; the distributed variants (local
 loss with a label offset, ring exchange of feature blocks, SigLIP neighbour exchange with negatives-only
@@ -32,7 +34,10 @@ _TRITON = tuple(n + "_triton" for n in _NATIVE)
 
 _HAS_TRITON = (_backend._triton_error is None
                and importlib.util.find_spec("mmfast.triton.contrastive_loss") is not None)
-IMPLEMENTATIONS = (("triton",) if _HAS_TRITON else ()) + ("cpu", "reference")
+# "cuda" runs the same operators as "cpu" (the dispatcher picks the kernel by device); it exists when the
+# extension was built with the CUDA kernels (csrc/cuda/contrastive_loss_api.cpp).
+_HAS_CUDA = _backend.has_native_kernel(_NATIVE[0], "CUDA")
+IMPLEMENTATIONS = (("cuda",) if _HAS_CUDA else ()) + (("triton",) if _HAS_TRITON else ()) + ("cpu", "reference")
 
 
 def _stats_dtype(rows: torch.Tensor) -> torch.dtype:

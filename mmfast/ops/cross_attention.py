@@ -94,11 +94,6 @@ def _register(names):
     _register_autograd(names)
 
 
-def _has_kernel(name: str, dispatch_key: str) -> bool:
-    return hasattr(torch.ops.mmfast, name) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"mmfast::{name}", dispatch_key)
-
-
 # An extension built before these schemas existed has no mmfast::cross_attention: reference only then.
 _native_defined = _backend._C is not None and all(hasattr(torch.ops.mmfast, n) for n in _NATIVE)
 if _native_defined:
@@ -111,9 +106,9 @@ if _triton_defined:
 
 # The implementations that exist in this process (backend.resolve explains any other request).
 IMPLEMENTATIONS = tuple(name for name, present in (
-    ("cuda", _native_defined and _has_kernel(_NATIVE[0], "CUDA")),
+    ("cuda", _native_defined and _backend.has_native_kernel(_NATIVE[0], "CUDA")),
     ("triton", _triton_defined),
-    ("cpu", _native_defined and _has_kernel(_NATIVE[0], "CPU")),
+    ("cpu", _native_defined and _backend.has_native_kernel(_NATIVE[0], "CPU")),
     ("reference", True),
 ) if present)
 

@@ -33,6 +33,13 @@ inline at::Tensor aligned(const at::Tensor& t) {
   return c;
 }
 
+// logit_scale / logit_bias: a 0-dim / [1] scalar on the features' device as a 0-dim fp32 tensor (a no-op
+// for what the Python layer passes; a float64 scalar is converted on the device, without a sync).
+inline at::Tensor scalar_arg(const at::Tensor& value, const char* name, const at::Tensor& like) {
+  check_scalar_tensor(value, name, like);
+  return value.reshape({}).to(at::kFloat).contiguous();
+}
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 }  // namespace mmfast::cuda_glue
