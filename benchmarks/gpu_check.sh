@@ -90,6 +90,21 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         print(f"cross_attention (+backward) {dtype} B={b} H={h} Lq={lq} Lk={lk} Lk2={lk2} d={d}: ran", flush=True)
+    for bi, bt, d in ((37, 37, 70), (1, 1, 8), (5, 4101, 16)):  # 4101 columns: two chunks in the CUDA kernels
+        image = torch.randn(bi, d, device=dev, dtype=dtype, requires_grad=True)
+        text = torch.randn(bt, d, device=dev, dtype=dtype, requires_grad=True)
+        if bi == bt:
+            mmfast.clip_loss(image, text, 100.0, backend="cuda").backward()
+            mmfast.siglip_loss(image, text, 10.0, -10.0, backend="cuda").backward()
+        scale = torch.tensor(30.0, device=dev)
+        row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block(image.detach(), text.detach(), scale, None, 3)
+        ones = torch.ones_like
+        torch.ops.mmfast.clip_loss_block_backward(image.detach(), text.detach(), scale, None, 3, row_lse, col_lse,
+                                                  ones(row_lse), ones(col_lse), ones(pos))
+        torch.ops.mmfast.siglip_loss_block(image.detach(), text.detach(), scale, torch.tensor(-1.0, device=dev),
+                                           False, True)
+        torch.cuda.synchronize()
+        print(f"clip_loss / siglip_loss blocks (+backward) {dtype} Bi={bi} Bt={bt} D={d}: ran", flush=True)
 print("all CUDA ops ran under the sanitizer")
 EOF
 
