@@ -205,24 +205,48 @@ def test_bench_skips_a_reference_that_does_not_fit(big_op, tmp_path, capsys):
     assert main(args + ["--cases", "no such case"]) == 2
 
 
-def test_substitute_oracle_refuses_low_precision():
+def test_substitute_oracle_in_low_precision_needs_the_reference_in_that_dtype():
+    """A bf16 case whose float64 reference does not fit: the substitute gives the float64 values, the bf16
+    reference (if it fits) the 2x bound; if that does not fit either, the case cannot be gated."""
     case = _sized_case(48)
     case.dtype = torch.bfloat16
+    fp32_inputs = case.make_inputs
+    case.make_inputs = lambda device: {k: v.to(torch.bfloat16) for k, v in fp32_inputs(device).items()}
     with pytest.raises(RuntimeError, match="cannot give the torch.bfloat16 bound"):
-        runner.prepare(case, torch.device("cpu"), limit=1000)
+        runner.prepare(case, torch.device("cpu"), limit=700)  # bf16 needs 768 bytes
+    oracle_calls.clear()
+    prep = runner.prepare(case, torch.device("cpu"), limit=1000)  # float64 needs 3072
+    assert oracle_calls == [(torch.float64, "cpu")] and SUBSTITUTE in prep.oracle
+    inputs = {k: v.detach().requires_grad_() for k, v in prep.inputs.items()}
+    out = _reference(**inputs)
+    assert inputs["image"].dtype == torch.bfloat16
+    torch.testing.assert_close(prep.out_lowp[0], out.detach(), rtol=0, atol=0)
+    grads = torch.autograd.grad(out, list(inputs.values()), prep.grad_outputs[0])
+    for got, want in zip(prep.grads_lowp, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="substitute_oracle needs reference_bytes"):
         Case(op=BIG_OP, label="x", dtype=torch.float32, x_name="C", x_value=1, params={}, make_inputs=None,
              reference=_reference, mmfast=None, backends=(), substitute_oracle=_substitute)
 
 
-@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss"])
-def test_contrastive_sweep_substitute_oracle_matches_the_reference(op):
-    """The sweep's substitute oracle (mmfast's CPU block operators in float64) against the float64
-    reference it replaces at large B: value and both gradients, with B over 3 x 3 of the kernel's 512-row
-    tiles."""
+def _substitute_oracle_cases():
     registry.load()
-    case = next(c for c in registry.cases(op, "cpu", quick=False) if c.series)
-    assert case.substitute_oracle is not None and "sweep" in case.label
+    sweeps = {op: next(c for c in registry.cases(op, "cpu", quick=False) if c.series)
+              for op in ("clip_loss", "siglip_loss")}
+    return [pytest.param(sweeps["clip_loss"], id="clip-sweep-cpu64"),
+            pytest.param(sweeps["siglip_loss"], id="siglip-sweep-cpu64"),
+            pytest.param(next(c for c in registry.cases("clip_loss", "cuda", quick=False) if c.substitute_on_device),
+                         id="clip-gpu-chunked64")]
+
+
+@pytest.mark.parametrize("case", _substitute_oracle_cases())
+def test_contrastive_substitute_oracles_match_the_reference(case, monkeypatch):
+    """The loss cases' substitute oracles against the float64 reference they replace at large B: value and
+    both gradients. The sweep's (mmfast's CPU block operators in float64) with B over 3 x 3 of the kernel's
+    512-row tiles; the GPU case's (open_clip's loss in float64 column chunks, hand-written backward), run
+    here on the CPU with 256-column chunks: 5 chunks, the last one short."""
+    monkeypatch.setitem(case.substitute_oracle.__globals__, "GPU_CHUNK", 256)  # the benchmark module's
+    assert case.substitute_oracle is not None
     gen = torch.Generator().manual_seed(3)
     image = torch.nn.functional.normalize(torch.randn(1100, 24, generator=gen, dtype=torch.float64), dim=-1)
     noise = torch.randn(image.shape, generator=gen, dtype=image.dtype)

@@ -63,10 +63,14 @@ class Case:
     # skipped (reported, not failed), and so is the float64 oracle: substitute_oracle takes its place.
     reference_bytes: Callable[[torch.dtype], float] | None = None
     # substitute_oracle(**inputs cast to float64 on the CPU): an oracle in O(inputs) memory for sizes
-    # where the float64 reference does not fit; fp32 cases only (the fp16/bf16 bound is the reference's
-    # own error in that dtype). substitute_label says what it is, in the report rows it gates.
+    # where the float64 reference does not fit; fp16/bf16 cases also need the reference in their dtype to
+    # fit (their bound is 2x its own error). substitute_label says what it is, in the report rows it gates.
     substitute_oracle: Callable[..., Any] | None = None
     substitute_label: str = ""
+    # Run substitute_oracle on the inputs' device instead of the CPU (an oracle written for the GPU: a
+    # float64 GPU GEMM takes a second where the CPU would take minutes). For fp16/bf16 cases the reference
+    # in that dtype must still fit (it gives the 2x bound).
+    substitute_on_device: bool = False
 
     def __post_init__(self):
         if self.substitute_oracle is not None and not (self.reference_bytes and self.substitute_label):

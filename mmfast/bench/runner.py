@@ -200,22 +200,36 @@ def _runs_reference(provider: Provider) -> bool:
     return provider.name in ("eager", "compile") or provider.backend == "reference"
 
 
-def _cpu64(inputs: dict) -> dict:
-    return {k: (v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.cpu())
+def _float64_on(inputs: dict, device: torch.device) -> dict:
+    return {k: (v.detach().to(device, torch.float64) if v.is_floating_point() else v.to(device))
             if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _prepare_substitute(case: Case, device: torch.device, why: str) -> Prepared:
-    """The oracle from case.substitute_oracle on float64 CPU copies of the inputs (the reference's
-    float64 run does not fit): outputs and gradients moved back to `device`."""
+def _reference_outputs_and_grads(case: Case, prep: Prepared, inputs: dict, grad_outputs) -> tuple[list, list]:
+    """The reference's outputs and gradients on `inputs` (their dtype), the gradients for grad_outputs."""
+    with torch.no_grad():
+        outs = [o.detach() for o in _as_list(case.reference(**inputs))]
+    if not prep.has_backward:
+        return outs, []
+    _, grads = _forward_backward(case.reference, _grad_copy(inputs, case.grad_inputs), case.grad_inputs,
+                                 prep.diff_positions, grad_outputs)
+    return outs, grads
+
+
+def _prepare_substitute(case: Case, device: torch.device, why: str, limit: float) -> Prepared:
+    """The oracle from case.substitute_oracle on float64 copies of the inputs (the reference's float64
+    run does not fit), on the CPU or, with case.substitute_on_device, on `device`: outputs and gradients
+    moved back to `device`. fp16/bf16 cases also need the reference in their dtype (the 2x bound)."""
     why = why.removeprefix("skipped: ")
     if case.substitute_oracle is None:
         raise RuntimeError(f"the float64 {why}, and the case has no substitute_oracle")
-    if case.dtype in LOW_PRECISION:
+    lowp = case.dtype in LOW_PRECISION
+    if lowp and reference_too_big(case, case.dtype, limit) is not None:
         raise RuntimeError(f"the float64 {why}, and the substitute oracle cannot give the {case.dtype} bound "
-                           f"(2x the reference's own error in that dtype)")
+                           f"(2x the reference's own error in that dtype): the {case.dtype} reference does not "
+                           f"fit either")
     prep = Prepared(case, case.make_inputs(device), oracle=f"{case.substitute_label} (float64 {why})")
-    inputs64 = _cpu64(prep.inputs)
+    inputs64 = _float64_on(prep.inputs, device if case.substitute_on_device else torch.device("cpu"))
     if not prep.has_backward:
         with torch.no_grad():
             prep.out64 = [o.detach().to(device) for o in _as_list(case.substitute_oracle(**inputs64))]
@@ -229,16 +243,21 @@ def _prepare_substitute(case: Case, device: torch.device, why: str) -> Prepared:
                                     [g.to(case.dtype).double() for g in grad_outputs])  # the values the providers get
         prep.out64 = [o.detach().to(device) for o in outs]
         prep.grads64 = [g.to(device) for g in grads]
-    prep.out_lowp, prep.grads_lowp = prep.out64, prep.grads64  # unused: fp32 is held to FP32_RTOL
+        del outs, grads, grad_in
+    if lowp:
+        prep.out_lowp, prep.grads_lowp = _reference_outputs_and_grads(case, prep, prep.inputs, prep.grad_outputs)
+    else:  # unused: fp32 is held to FP32_RTOL
+        prep.out_lowp, prep.grads_lowp = prep.out64, prep.grads64
     return prep
 
 
 def prepare(case: Case, device: torch.device, limit: float | None = None) -> Prepared:
     """Inputs and the oracle: the reference in float64, or case.substitute_oracle where that would take
     more than `limit` bytes (default: default_reference_limit)."""
-    too_big = reference_too_big(case, torch.float64, default_reference_limit(device) if limit is None else limit)
+    limit = default_reference_limit(device) if limit is None else limit
+    too_big = reference_too_big(case, torch.float64, limit)
     if too_big is not None:
-        return _prepare_substitute(case, device, too_big)
+        return _prepare_substitute(case, device, too_big, limit)
     inputs = case.make_inputs(device)
     prep = Prepared(case, inputs)
     with torch.no_grad():
