@@ -99,5 +99,8 @@ def resampler_cases(device: str, quick: bool) -> list[Case]:
     if device == "cpu":  # on the CPU the op is GEMM-bound: the GEMMs are the bound to approach
         targets.append(Target("within 1.05x of the GEMMs", "floor-gemm", 1 / 1.05, ("forward", "full")))
     targets.append(Target("peak memory below upstream", "eager", 1.0, ("forward", "full"), metric="peak_mem_mb"))
+    bf16_targets = list(targets)
+    if device == "cuda":  # issue 4's GPU target; on the GPU the GEMMs run on tensor cores, the rest is overhead
+        bf16_targets.append(Target(">= 1.5x faster than upstream", "eager", 1.5, ("full",)))
     return [_resampler_case(torch.float32, targets),
-            _resampler_case(torch.bfloat16, targets, quick=device == "cuda")]
+            _resampler_case(torch.bfloat16, bf16_targets, quick=device == "cuda")]
