@@ -2,8 +2,9 @@
 thread (barriers for __syncthreads, a per-warp exchange for shuffles) and the .cu file is compiled as host
 code with the kernels' real launchers. This checks what a GPU-less machine otherwise cannot: index math,
 ragged tiles, both key segments, strided/expanded operands, the online softmax and the fused backward of
-csrc/cuda/cross_attention.cu, against the float64 reference, fp32/fp16/bf16. It cannot show races that
-only a GPU's scheduling exposes, nor speed: benchmarks/gpu_check.sh runs the same kernels on a card.
+csrc/cuda/cross_attention.cu, against the float64 reference, fp32/fp16/bf16; and the contrastive-loss
+kernels of csrc/cuda/contrastive_loss.cu, whose driver checks itself. It cannot show races that only a
+GPU's scheduling exposes, nor speed: benchmarks/gpu_check.sh runs the same kernels on a card.
 """
 import hashlib
 import os
@@ -19,39 +20,55 @@ from conftest import assert_attention_grad_close, assert_close_to_reference
 from mmfast.reference.perceiver import perceiver_cross_attention
 
 ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "tests" / "native"
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-HARNESS = ROOT / "tests" / "native" / "cross_attention_emulated.cpp"
-SOURCES = [HARNESS, ROOT / "tests" / "native" / "cuda_emulation.h", ROOT / "csrc" / "cuda" / "cross_attention.cu",
-           *sorted((ROOT / "csrc" / "include" / "mmfast").glob("*.h*"))]
+# What every driver is built from besides its own .cpp and the .cu it includes.
+SHARED_SOURCES = [NATIVE / "cuda_emulation.h", *sorted((ROOT / "csrc" / "include" / "mmfast").glob("*.h*"))]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def compile_driver(name, kernels, tmp_path_factory):
+    """tests/native/<name>.cpp, which includes csrc/cuda/<kernels> under the emulator, compiled once per session
+    (~10 s)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        pytest.skip(f"needs a C++20 compiler and the CUDA headers ({CUDA_INCLUDE}/cuda_fp16.h)")
+    source = NATIVE / f"{name}.cpp"
+    sources = [source, ROOT / "csrc" / "cuda" / kernels, *SHARED_SOURCES]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    exe = tmp_path_factory.getbasetemp() / f"{name}-{digest}"
+    if not exe.exists():
+        # -ffp-contract=off: __fmul_rn & co. stay rounded products and sums, as on the device (g++ would fuse
+        # them into an fma where the target has one). -fno-strict-aliasing: the kernels' 16-byte loads and
+        # stores pun through uint4, as CUDA code does.
+        built = subprocess.run([compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-pthread",
+                                f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}", str(source), "-o", str(exe)],
+                               capture_output=True, text=True)
+        assert built.returncode == 0, f"compiling {source.name} failed:\n{built.stderr[-20000:]}"
+    return exe
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """The emulated kernels' driver, compiled once per session (~10 s)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
-        pytest.skip(f"needs a C++20 compiler and the CUDA headers ({CUDA_INCLUDE}/cuda_fp16.h)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    exe = tmp_path_factory.getbasetemp() / f"cross_attention_emulated-{digest}"
-    if not exe.exists():
-        subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}",
-                        str(HARNESS), "-o", str(exe)], check=True, capture_output=True, text=True)
-    return exe
+    """The cross-attention kernels' driver."""
+    return compile_driver("cross_attention_emulated", "cross_attention.cu", tmp_path_factory)
 
 
-def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows_major=False):
+def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows_major=False, sm_count=1):
     """Forward + backward of the CUDA kernels under emulation: (out, lse, [grad_q, grad_k, grad_v, grad_k2,
-    grad_v2]) in fp32; with expand, k/v hold batch 1 (read with batch stride 0) and their gradients come
-    back summed over the batch, as autograd's expand would."""
+    grad_v2], the forward's key splits) in fp32; with expand, k/v hold batch 1 (read with batch stride 0) and
+    their gradients come back summed over the batch, as autograd's expand would. sm_count: the device size
+    the split-K rule assumes (1: never split; an H100 has 132)."""
     q, k, v, k2, v2 = tensors
     b, h, lq, d = q.shape
     lk2 = 0 if k2 is None else k2.shape[2]
-    header = struct.pack("<8qd", DTYPE_CODES[dtype], b, h, lq, d, k.shape[2], lk2,
-                         int(expand) | (2 if q_rows_major else 0), scale)
+    header = struct.pack("<9qd", DTYPE_CODES[dtype], b, h, lq, d, k.shape[2], lk2,
+                         int(expand) | (2 if q_rows_major else 0), sm_count, scale)
     arrays = [q, k, v] + ([k2, v2] if lk2 else []) + [grad]
     (tmp_path / "in.bin").write_bytes(header + b"".join(t.float().contiguous().numpy().tobytes() for t in arrays))
-    subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=600)
+    run = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=600,
+                         capture_output=True, text=True)
+    splits = int(run.stdout.split("forward key splits:")[1].split()[0])
     flat = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
     shapes = [q.shape, (b, h, lq), q.shape] + [(b, h, t.shape[2], d) for t in arrays[1:-1]]
     outs, offset = [], 0
@@ -64,7 +81,7 @@ def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows
     if expand:
         grads = [grads[0]] + [g.sum(0, keepdim=True) for g in grads[1:]]
     grads += [None, None] if not lk2 else []
-    return outs[0], outs[1], grads
+    return outs[0], outs[1], grads, splits
 
 
 def reference(tensors, grad, dtype, scale, b):
@@ -78,20 +95,24 @@ def reference(tensors, grad, dtype, scale, b):
     return out.detach(), lse.detach(), [None if t is None else t.grad for t in leaves]
 
 
-# (B, H, Lq, Lk, Lk2, d); chosen to cross every tile edge: 64-row blocks, 64-key forward tiles, 32-row
-# backward tiles, both segments, padded head dims (40 -> 64, 96 -> 128) and single rows.
+# (B, H, Lq, Lk, Lk2, d), SM count, the forward's expected key splits; chosen to cross every tile edge:
+# 64-row blocks, 64-key forward tiles, 32-row backward tiles, both segments, padded head dims (40 -> 64,
+# 96 -> 128), single rows, and split-K (SAM's few queries on a 132-SM H100: key ranges of whole 64-key
+# tiles, the last one short, one of them spanning the end of segment 0 and segment 1).
 SHAPES = {
-    "ragged-two-segments": (2, 3, 70, 130, 5, 40),
-    "sam-t2i-d16": (2, 2, 7, 300, 0, 16),
-    "one-key-one-query-d128": (1, 2, 1, 1, 0, 128),
-    "d96-k2": (1, 2, 33, 65, 31, 96),
-    "d32-k2-1": (1, 1, 65, 64, 1, 32),
+    "ragged-two-segments": ((2, 3, 70, 130, 5, 40), 1, 1),
+    "sam-t2i-d16": ((2, 2, 7, 300, 0, 16), 1, 1),
+    "sam-t2i-d16-split-k": ((2, 2, 7, 300, 0, 16), 132, 2),
+    "split-k-across-segments": ((1, 2, 7, 600, 70, 16), 132, 4),
+    "one-key-one-query-d128": ((1, 2, 1, 1, 0, 128), 132, 1),
+    "d96-k2": ((1, 2, 33, 65, 31, 96), 1, 1),
+    "d32-k2-1": ((1, 1, 65, 64, 1, 32), 1, 1),
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("shape, sm_count, splits", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape):
+def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape, sm_count, splits):
     b, h, lq, lk, lk2, d = shape
     g = torch.Generator().manual_seed(sum(shape))
     dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
@@ -100,7 +121,8 @@ def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape):
     tensors = [None if t is None else t.to(dtype).double() for t in tensors]
     grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
     scale = d ** -0.5
-    out, lse, grads = emulated(harness, tmp_path, tensors, grad, dtype, scale)
+    out, lse, grads, used_splits = emulated(harness, tmp_path, tensors, grad, dtype, scale, sm_count=sm_count)
+    assert used_splits == splits
     out64, lse64, grads64 = reference(tensors, grad, torch.float64, scale, b)
     low = None if dtype == torch.float32 else reference(tensors, grad, dtype, scale, b)
     assert_close_to_reference(out.to(dtype), out64, None if low is None else low[0], name="out")
@@ -121,9 +143,21 @@ def test_cuda_cross_attention_strided_q_and_expanded_kv_emulated(harness, tmp_pa
     kv = [torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for n in (lk, lk, lk2, lk2)]
     tensors = [q, *kv]
     grad = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
-    out, lse, grads = emulated(harness, tmp_path, tensors, grad, torch.float32, 0.3, expand=True, q_rows_major=True)
+    out, lse, grads, _ = emulated(harness, tmp_path, tensors, grad, torch.float32, 0.3, expand=True,
+                                  q_rows_major=True)
     out64, lse64, grads64 = reference(tensors, grad, torch.float64, 0.3, b)
     assert_close_to_reference(out, out64, name="out")
     assert_close_to_reference(lse, lse64, name="lse")
     for name, got, want in zip(("q", "k", "v", "k2", "v2"), grads, grads64):
         assert_attention_grad_close(got, want, None, grads64[2], name=f"grad {name}")
+
+
+def test_cuda_contrastive_loss_kernels_emulated(tmp_path_factory):
+    """The CLIP/SigLIP block-loss kernels through their launchers, driven as contrastive_loss_api.cpp drives them
+    (cuBLAS's GEMMs replaced by float64 products): the driver compares every output with float64 references
+    itself, fp32/fp16/bf16, 1x1 to 300-row blocks, uneven column chunks, positives across chunk boundaries and
+    outside the block, absent gradient terms, SigLIP with and without positives, the fp16 gradient factor and the
+    exactly-zero CLIP loss of one pair (~15 s)."""
+    exe = compile_driver("contrastive_loss_emulated", "contrastive_loss.cu", tmp_path_factory)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -69,15 +69,19 @@ OutRows<T> typed(MutableHeadRows x) {
 
 template <typename T>
 struct Params {
-  int64_t heads, q_len, head_dim;
+  int64_t batch, heads, q_len, head_dim;
   int segments;
   int64_t key_len[2];
   int64_t key_blocks[2];  // 64-key blocks per segment (dK/dV grid)
   int64_t row_blocks;     // 64-query blocks (forward and dQ grids)
+  int splits;             // forward key splits (split-K; 1: none)
+  int64_t split_keys;     // keys per split (a multiple of the forward key tile) when splits > 1
   float scale;
   Rows<T> q, k[2], v[2], out, grad_out;
   OutRows<T> out_w, grad_q, grad_k[2], grad_v[2];
   float* lse_w;
+  float* split_out;  // splits > 1: [splits, B*H, Lq, d] fp32, each split's normalized output
+  float* split_lse;  // splits > 1: [splits, B*H, Lq] fp32, each split's log-sum-exp
   const float* lse;
   float* delta_w;
   const float* delta;
@@ -166,18 +170,22 @@ __device__ __forceinline__ void store_rows(T* head, int64_t row_stride, int64_t 
   }
 }
 
-// Streams the keys and values of head (b, h), segment 0 then segment 1, through k_tile [KT][k_ld] and
-// v_tile [KT][v_ld] and calls body(kn) once per tile (kn = the tile's valid keys) after both are loaded.
-// The first barrier also publishes whatever the block wrote to shared memory before the loop.
+// Streams keys [begin, end) of head (b, h) — indices into the concatenation of segment 0 and segment 1,
+// which is never built — through k_tile [KT][k_ld] and v_tile [KT][v_ld] and calls body(kn) once per tile
+// (kn = the tile's valid keys) after both are loaded. The first barrier also publishes whatever the block
+// wrote to shared memory before the loop.
 template <int KT, int D, typename T, typename Body>
-__device__ __forceinline__ void for_each_key_tile(const Params<T>& p, int64_t b, int64_t h, float* k_tile, int k_ld,
-                                                  float* v_tile, int v_ld, Body&& body) {
+__device__ __forceinline__ void for_each_key_tile(const Params<T>& p, int64_t b, int64_t h, int64_t begin,
+                                                  int64_t end, float* k_tile, int k_ld, float* v_tile, int v_ld,
+                                                  Body&& body) {
   const int d = static_cast<int>(p.head_dim);
-  for (int seg = 0; seg < p.segments; ++seg) {
+  int64_t seg_start = 0;
+  for (int seg = 0; seg < p.segments; seg_start += p.key_len[seg], ++seg) {
     const T* k_head = p.k[seg].head(b, h);
     const T* v_head = p.v[seg].head(b, h);
-    const int64_t len = p.key_len[seg];
-    for (int64_t k0 = 0; k0 < len; k0 += KT) {
+    const int64_t from = std::max<int64_t>(begin - seg_start, 0);
+    const int64_t len = std::min<int64_t>(end - seg_start, p.key_len[seg]);
+    for (int64_t k0 = from; k0 < len; k0 += KT) {
       const int kn = static_cast<int>(std::min<int64_t>(KT, len - k0));
       __syncthreads();  // the previous tile's readers are done
       load_tile<KT, D>(k_tile, k_ld, k_head, p.k[seg].sl, k0, kn, d);
@@ -215,9 +223,13 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   float* p_tile = v_tile + KT * D;           // [64][PLD]
 
   const int tx = threadIdx.x % kGroup, row0 = threadIdx.x / kGroup * R;
-  const int64_t bh = blockIdx.x / p.row_blocks, q0 = blockIdx.x % p.row_blocks * kBlockRows;
+  const int64_t bh_blocks = p.batch * p.heads;
+  const int64_t split = blockIdx.x / (bh_blocks * p.row_blocks), rest = blockIdx.x % (bh_blocks * p.row_blocks);
+  const int64_t bh = rest / p.row_blocks, q0 = rest % p.row_blocks * kBlockRows;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int d = static_cast<int>(p.head_dim);
+  const int64_t key_begin = p.splits > 1 ? split * p.split_keys : 0;
+  const int64_t key_end = p.splits > 1 ? key_begin + p.split_keys : p.key_len[0] + p.key_len[1];
   load_tile<kBlockRows, D>(q_tile, LD, p.q.head(b, h), p.q.sl, q0, p.q_len - q0, d);
 
   float o[R][DC];
@@ -229,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
     for (int c = 0; c < DC; ++c) o[i][c] = 0.f;
   }
 
-  for_each_key_tile<KT, D>(p, b, h, k_tile, LD, v_tile, D, [&](int kn) {
+  for_each_key_tile<KT, D>(p, b, h, key_begin, key_end, k_tile, LD, v_tile, D, [&](int kn) {
     float s[R][C];
     tile_dots<R, C, D>(q_tile, LD, row0, k_tile, LD, tx, s);
 #pragma unroll
@@ -258,13 +270,48 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   });
 
   float inv_sum[R];
+  float* lse = p.splits > 1 ? p.split_lse + split * bh_blocks * p.q_len : p.lse_w;
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     inv_sum[i] = 1.f / st[i].sum;  // a row with no finite logit has sum 0: NaN out, as the reference
     const int64_t r = q0 + row0 + i;
-    if (tx == 0 && r < p.q_len) p.lse_w[bh * p.q_len + r] = st[i].max + logf(st[i].sum);
+    if (tx == 0 && r < p.q_len) lse[bh * p.q_len + r] = st[i].max + logf(st[i].sum);
   }
-  store_rows<R, DC>(p.out_w.head(b, h), p.out_w.sl, q0, p.q_len, row0, tx, d, o, inv_sum);
+  if (p.splits > 1) {  // this split's normalized output, merged by attention_split_merge_kernel
+    float* head = p.split_out + ((split * bh_blocks + bh) * p.q_len) * p.head_dim;
+    store_rows<R, DC>(head, p.head_dim, q0, p.q_len, row0, tx, d, o, inv_sum);
+  } else {
+    store_rows<R, DC>(p.out_w.head(b, h), p.out_w.sl, q0, p.q_len, row0, tx, d, o, inv_sum);
+  }
+}
+
+// Split-K merge, one warp per query row: lse = logsumexp_s lse_s, out = sum_s exp(lse_s - lse) out_s.
+// A split whose keys gave the row no finite logit (lse_s = -inf) adds nothing; NaN stays NaN.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_split_merge_kernel(const Params<T> p, int64_t total_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (r >= total_rows) return;  // the whole warp leaves together; no barrier follows
+  online_softmax::State<float> st = online_softmax::empty_state<float>();
+  for (int s = 0; s < p.splits; ++s) {  // exp(lse_s - max) summed with the running max: one pass
+    const float l = p.split_lse[s * total_rows + r];
+    online_softmax::advance(st, l);
+    st.sum += l == -INFINITY ? 0.f : fast_exp(l - st.max);
+  }
+  const float lse = st.max + logf(st.sum);
+  // No split saw a finite logit: NaN, as the unsplit kernel's 0 / 0 and the reference's softmax.
+  const float empty = st.sum == 0.f ? NAN : 0.f;
+  const int64_t bh = r / p.q_len, i = r % p.q_len, b = bh / p.heads, h = bh % p.heads;
+  T* out = p.out_w.head(b, h) + i * p.out_w.sl;
+  for (int c = lane; c < p.head_dim; c += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float l = p.split_lse[s * total_rows + r];
+      if (l != -INFINITY) acc = fmaf(fast_exp(l - lse), p.split_out[(s * total_rows + r) * p.head_dim + c], acc);
+    }
+    out[c] = from_float<T>(acc + empty);
+  }
+  if (lane == 0) p.lse_w[r] = lse;
 }
 
 // ================================ backward =======================================================
@@ -388,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const Params<T> 
     for (int c = 0; c < DC; ++c) dq[i][c] = 0.f;
   }
 
-  for_each_key_tile<KT, D>(p, b, h, k_tile, LD, v_tile, LD, [&](int kn) {
+  for_each_key_tile<KT, D>(p, b, h, 0, p.key_len[0] + p.key_len[1], k_tile, LD, v_tile, LD, [&](int kn) {
     float s[R][C], dp[R][C];
     tile_dots<R, C, D>(q_tile, LD, row0, k_tile, LD, tx, s);    // S = Q K^T
     tile_dots<R, C, D>(do_tile, LD, row0, v_tile, LD, tx, dp);  // dP = dO V^T
@@ -433,11 +480,13 @@ template <typename T>
 Params<T> make_params(const AttentionShape& s, HeadRows q, const HeadRows (&k)[2], const HeadRows (&v)[2],
                       float scale) {
   Params<T> p{};
+  p.batch = s.batch;
   p.heads = s.heads;
   p.q_len = s.q_len;
   p.head_dim = s.head_dim;
   p.segments = s.segments;
   p.row_blocks = (s.q_len + kBlockRows - 1) / kBlockRows;
+  p.splits = 1;
   p.scale = scale;
   p.q = typed<T>(q);
   for (int seg = 0; seg < 2; ++seg) {
@@ -464,18 +513,50 @@ int64_t attention_smem_bytes(int64_t head_dim) {
 
 int64_t device_smem_limit() { return max_dynamic_smem(); }
 
+int device_sm_count() { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(1); }
+
+int attention_forward_splits(const AttentionShape& shape, int sm_count) {
+  // Split the keys when the (batch*head, query block) grid would leave SMs idle — SAM's token -> image
+  // attention at one prompt is B*H = 8 blocks of 7 queries over 4096 keys on a 132-SM H100 — into at most
+  // kMaxSplits ranges of >= 2 key tiles, for >= 2 blocks per SM (the Triton kernel's rule, 264 programs).
+  constexpr int kMaxSplits = 32;
+  const int64_t blocks = shape.batch * shape.heads * ((shape.q_len + kBlockRows - 1) / kBlockRows);
+  const int64_t keys = shape.key_len[0] + (shape.segments > 1 ? shape.key_len[1] : 0);
+  const int64_t tiles = (keys + kForwardKeyTile - 1) / kForwardKeyTile;
+  const int64_t want = 2 * static_cast<int64_t>(sm_count);
+  if (blocks >= want || tiles < 4) return 1;
+  const int64_t splits = std::min<int64_t>({(want + blocks - 1) / blocks, tiles / 2, kMaxSplits});
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  return static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);  // no empty split
+}
+
 cudaError_t cross_attention_forward(DType dtype, const AttentionShape& shape, HeadRows q, const HeadRows (&k)[2],
                                     const HeadRows (&v)[2], float scale, MutableHeadRows out, float* lse,
-                                    cudaStream_t stream) {
+                                    int splits, float* split_scratch, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     Params<T> p = make_params<T>(shape, q, k, v, scale);
     p.out_w = typed<T>(out);
     p.lse_w = lse;
+    const int64_t rows = shape.batch * shape.heads * shape.q_len;
+    if (splits > 1) {
+      const int64_t keys = p.key_len[0] + p.key_len[1];
+      const int64_t tiles = (keys + kForwardKeyTile - 1) / kForwardKeyTile;
+      p.splits = splits;
+      p.split_keys = (tiles + splits - 1) / splits * kForwardKeyTile;
+      p.split_out = split_scratch;
+      p.split_lse = split_scratch + splits * rows * shape.head_dim;
+    }
     return dispatch_head_dim(shape.head_dim, [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      return launch(attention_forward_kernel<T, D>, shape.batch * shape.heads * p.row_blocks,
-                    forward_smem_floats<D>(), p, stream);
+      if (cudaError_t e = launch(attention_forward_kernel<T, D>, p.splits * shape.batch * shape.heads * p.row_blocks,
+                                 forward_smem_floats<D>(), p, stream);
+          e != cudaSuccess || p.splits == 1)
+        return e;
+      constexpr int kWarps = kThreads / 32;
+      MMFAST_LAUNCH(attention_split_merge_kernel<T>, static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0,
+                    stream, p, rows);
+      return cudaGetLastError();
     });
   });
 }

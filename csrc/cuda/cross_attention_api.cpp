@@ -83,9 +83,11 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q_in, 
   const Segments s = segments(q, k, v, k2, v2);
   at::Tensor out = empty_output(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const int splits = kc::attention_forward_splits(s.shape, kc::device_sm_count());
+  at::Tensor scratch = at::empty({kc::attention_split_scratch_floats(s.shape, splits)}, lse.options());
   C10_CUDA_CHECK(kc::cross_attention_forward(kernel_dtype(q), s.shape, rows_of(q), s.k_rows, s.v_rows,
                                              static_cast<float>(scale), mutable_rows_of(out), lse.data_ptr<float>(),
-                                             current_stream()));
+                                             splits, scratch.data_ptr<float>(), current_stream()));
   return {out, lse};
 }
 

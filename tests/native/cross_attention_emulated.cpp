@@ -3,8 +3,9 @@
 //
 //   cross_attention_emulated IN OUT
 //
-// IN: int64 header[8] = {dtype (0 fp32, 1 fp16, 2 bf16), B, H, Lq, d, Lk, Lk2 (0: one segment),
-// flags (1: k/v/k2/v2 hold batch 1 and are read with batch stride 0; 2: q is laid out [B, Lq, H, d])},
+// IN: int64 header[9] = {dtype (0 fp32, 1 fp16, 2 bf16), B, H, Lq, d, Lk, Lk2 (0: one segment),
+// flags (1: k/v/k2/v2 hold batch 1 and are read with batch stride 0; 2: q is laid out [B, Lq, H, d]),
+// the SM count the forward's split-K rule assumes (1: never split)},
 // float64 scale, then fp32 arrays in logical [B, H, L, d] order: q, k, v, (k2, v2,) grad_out.
 // OUT: fp32 out, lse, grad_q, grad_k, grad_v (, grad_k2, grad_v2), each in logical order with batch B.
 #include "cuda_emulation.h"
@@ -65,7 +66,7 @@ void write(std::ostream& out, Operand<T>& x) {
 }
 
 template <typename T>
-int run(const int64_t (&hdr)[8], double scale, std::istream& in, std::ostream& out) {
+int run(const int64_t (&hdr)[9], double scale, std::istream& in, std::ostream& out) {
   const int64_t B = hdr[1], H = hdr[2], Lq = hdr[3], d = hdr[4], L[2] = {hdr[5], hdr[6]}, flags = hdr[7];
   const bool expand = flags & 1, q_rows_major = flags & 2;
   const int segments = L[1] > 0 ? 2 : 1;
@@ -94,11 +95,14 @@ int run(const int64_t (&hdr)[8], double scale, std::istream& in, std::ostream& o
   }
   Operand<T> o = Operand<T>::rows_major(B, H, Lq, d);  // the glue's [B, Lq, H, d] output layout
   std::vector<float> lse(B * H * Lq), delta(B * H * Lq);
+  const int splits = kc::attention_forward_splits(shape, static_cast<int>(hdr[8]));
+  std::vector<float> split_scratch(kc::attention_split_scratch_floats(shape, splits));
+  std::cout << "forward key splits: " << splits << "\n";  // read by tests/test_cuda_emulation.py
   const auto dtype = std::is_same_v<T, float> ? kc::DType::kFloat32
                      : std::is_same_v<T, __half> ? kc::DType::kFloat16
                                                  : kc::DType::kBFloat16;
   if (kc::cross_attention_forward(dtype, shape, q.rows(), k_rows, v_rows, static_cast<float>(scale), o.mutable_rows(),
-                                  lse.data(), nullptr) != cudaSuccess)
+                                  lse.data(), splits, split_scratch.data(), nullptr) != cudaSuccess)
     return 3;
 
   Operand<T> grad_q = Operand<T>::contiguous(B, H, Lq, d);
@@ -136,7 +140,7 @@ int main(int argc, char** argv) {
   }
   std::ifstream in(argv[1], std::ios::binary);
   std::ofstream out(argv[2], std::ios::binary);
-  int64_t hdr[8];
+  int64_t hdr[9];
   double scale;
   in.read(reinterpret_cast<char*>(hdr), sizeof hdr);
   in.read(reinterpret_cast<char*>(&scale), sizeof scale);

@@ -1,18 +1,31 @@
-// Runs mmfast's CUDA kernels on the CPU: one std::thread per CUDA thread, std::barrier for
+// Runs mmfast's CUDA kernels on the CPU: one std::thread per thread of a CUDA block, std::barrier for
 // __syncthreads and a per-warp exchange for __shfl_xor_sync. Include it FIRST, then the .cu file, in a
-// host-compiled test program (g++ -std=c++20 -I<cuda>/include): it tests the kernels' index math, bounds,
-// barriers and shuffles where no GPU exists (tests/test_cuda_emulation.py). What it cannot show: races
-// that a real GPU's scheduling exposes, and speed. Blocks run one at a time; the dynamic shared memory is
-// filled with NaN before each block, so reading a slot the block never wrote poisons the result.
+// host-compiled test program (tests/test_cuda_emulation.py builds them with g++ -std=c++20 -O2 -pthread
+// -ffp-contract=off -fno-strict-aliasing -I<cuda>/include): it tests the kernels' index math, bounds,
+// barriers and shuffles where no GPU exists.
 //
-// Supported: dynamic shared memory declared with MMFAST_DYNAMIC_SMEM (kernels that also declare static
-// __shared__ arrays are not), 1-D grids and blocks, and __shfl_xor_sync with a full mask.
+// Blocks run one at a time, in order (x fastest, then y, z): each std::thread (kept from launch to launch)
+// runs its thread of every block in turn. The dynamic shared memory is filled with NaN before each block,
+// so reading a slot the block never wrote poisons the result.
+//
+// Supported: 1-, 2- and 3-D grids and blocks (MMFAST_LAUNCH's grid and block are dim3 or integers; warps
+// are formed from the linear thread index, as on a GPU; the block size must be a multiple of 32); dynamic
+// shared memory declared with MMFAST_DYNAMIC_SMEM; static __shared__ arrays (function-local statics: one
+// copy, right because blocks never overlap; not refilled with NaN, so a block reads what the previous
+// block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
+// the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
+// g++ from fusing them into an fma) and the int min/max of device code.
+//
+// What it cannot show: races that a real GPU's scheduling exposes, speed, and the device math library's
+// rounding: expf, exp2f, log1pf ... run as the host's libm, not as --use_fast_math's approximations.
 #pragma once
 
 #include <cuda_bf16.h>  // under a host compiler: the types and their host conversions
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -23,9 +36,13 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __launch_bounds__(...)
+// Static __shared__ arrays become function-local statics: one copy for the one block that runs.
+#undef __shared__
+#define __shared__ static
 
 namespace mmfast_emulation {
 
@@ -36,60 +53,138 @@ struct Index {
 inline thread_local Index thread_index, block_index;
 inline Index block_dim, grid_dim;
 
-struct Block {
-  explicit Block(unsigned threads) : barrier(threads), exchange(threads) {
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
-  }
-  std::barrier<> barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<float> exchange;
-};
-
-inline thread_local Block* current_block = nullptr;
-
 // The dynamic shared memory of the running block (MMFAST_DYNAMIC_SMEM below points the kernels at it).
 constexpr size_t kSmemBytes = 227 * 1024;  // H100's opt-in limit
 alignas(16) inline unsigned char smem[kSmemBytes];
 
+inline void poison_smem() noexcept {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (size_t i = 0; i + sizeof(float) <= kSmemBytes; i += sizeof(float)) std::memcpy(smem + i, &nan, sizeof(float));
+}
+
+// Between two blocks: the last thread to arrive refills the shared memory while the others wait.
+struct NextBlock {
+  void operator()() noexcept { poison_smem(); }
+};
+
+struct Block {
+  explicit Block(unsigned threads) : barrier(threads), next(threads, NextBlock{}) {
+    for (auto& slots : exchange) slots.resize(threads);
+    for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> barrier;
+  std::barrier<NextBlock> next;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> exchange[2];  // shuffle slots, one per thread and wide enough for a double
+};
+
+inline thread_local Block* current_block = nullptr;
+inline thread_local unsigned linear_thread = 0;  // x + y * blockDim.x + z * blockDim.x * blockDim.y
+inline thread_local unsigned shuffle_parity = 0;  // which exchange buffer the thread's next shuffle uses
+
 inline void syncthreads() { current_block->barrier.arrive_and_wait(); }
 
-inline float shfl_xor(float v, int lane_mask) {
-  const unsigned t = thread_index.x, w = t / 32, lane = t % 32;
+// Two exchange buffers used alternately: a lane that writes shuffle k + 1 into one cannot disturb a lane
+// still reading shuffle k from the other, and none writes shuffle k + 2 before every lane of its warp has
+// passed shuffle k + 1 (all lanes run the same shuffles), so one warp barrier per shuffle suffices.
+template <typename V>
+V shfl_xor(V v, int lane_mask) {
+  static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= sizeof(uint64_t), "shuffles move up to 8 bytes");
+  const unsigned t = linear_thread, w = t / 32, lane = t % 32;
   Block& b = *current_block;
-  b.exchange[t] = v;
+  uint64_t* slots = b.exchange[shuffle_parity].data();
+  shuffle_parity ^= 1;
+  std::memcpy(&slots[t], &v, sizeof(V));
   b.warps[w]->arrive_and_wait();
-  const float r = b.exchange[w * 32 + (lane ^ static_cast<unsigned>(lane_mask))];
-  b.warps[w]->arrive_and_wait();  // everyone has read before the next exchange overwrites
+  V r;
+  std::memcpy(&r, &slots[w * 32 + (lane ^ static_cast<unsigned>(lane_mask))], sizeof(V));
   return r;
 }
 
+// The std::threads persist across launches: creating one costs ~40 us (a 1024-thread launch 40 ms), waking
+// a waiting one a few us. run(n, body) runs body(0) ... body(n - 1) on n of them and returns when all are done.
+class Workers {
+ public:
+  void run(unsigned n, const std::function<void(unsigned)>& body) {
+    for (unsigned t = static_cast<unsigned>(workers_.size()); t < n; ++t) {
+      workers_.push_back(std::make_unique<Worker>(this, t));
+    }
+    body_ = &body;
+    remaining_.store(n);
+    for (unsigned t = 0; t < n; ++t) workers_[t]->start();
+    for (unsigned r; (r = remaining_.load()) != 0;) remaining_.wait(r);
+  }
+  ~Workers() {
+    stop_.store(true);
+    for (auto& w : workers_) w->start();
+    for (auto& w : workers_) w->thread.join();
+  }
+
+ private:
+  struct Worker {
+    Worker(Workers* pool, unsigned index) : thread([this, pool, index] { pool->serve(*this, index); }) {}
+    void start() {
+      go.fetch_add(1);
+      go.notify_one();
+    }
+    std::atomic<uint32_t> go{0};  // bumped once per job
+    std::thread thread;           // declared last: starts once `go` exists
+  };
+
+  void serve(Worker& self, unsigned index) {
+    for (uint32_t seen = 0;;) {
+      self.go.wait(seen);
+      seen = self.go.load();
+      if (stop_.load()) return;
+      (*body_)(index);
+      if (remaining_.fetch_sub(1) == 1) remaining_.notify_one();
+    }
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(unsigned)>* body_ = nullptr;
+  std::atomic<uint32_t> remaining_{0};
+  std::atomic<bool> stop_{false};
+};
+
+inline Workers workers;
+
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, unsigned grid, unsigned threads, size_t smem_bytes, const Args&... args) {
-  if (smem_bytes > kSmemBytes || threads % 32 != 0 || threads > 1024) {
-    std::fprintf(stderr, "emulated launch: bad config (threads %u, smem %zu)\n", threads, smem_bytes);
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (smem_bytes > kSmemBytes || threads == 0 || threads % 32 != 0 || threads > 1024 || block.z > 64 ||
+      grid.y > 65535 || grid.z > 65535) {
+    std::fprintf(stderr, "emulated launch: bad config (block %ux%ux%u, grid %ux%ux%u, smem %zu)\n", block.x, block.y,
+                 block.z, grid.x, grid.y, grid.z, smem_bytes);
     std::abort();
   }
-  grid_dim = {grid, 1, 1};
-  block_dim = {threads, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    for (size_t i = 0; i + sizeof(float) <= kSmemBytes; i += sizeof(float)) std::memcpy(smem + i, &nan, sizeof(float));
-    Block block(threads);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        thread_index = {t, 0, 0};
-        block_index = {b, 0, 0};
-        current_block = &block;
-        kernel(args...);
-      });
-    }
-    for (auto& th : pool) th.join();
-  }
+  grid_dim = {grid.x, grid.y, grid.z};
+  block_dim = {block.x, block.y, block.z};
+  poison_smem();
+  Block state(threads);
+  workers.run(threads, [&](unsigned t) {
+    thread_index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+    linear_thread = t;
+    shuffle_parity = 0;
+    current_block = &state;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          block_index = {bx, by, bz};
+          kernel(args...);
+          state.next.arrive_and_wait();  // the block is done before the next one starts
+        }
+  });
 }
 
 }  // namespace mmfast_emulation
+
+// Device intrinsics the kernels use, as host functions (IEEE round-to-nearest, like the device's _rn).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
+using std::max;  // device code's min(int, int) / max(int, int)
+using std::min;
 
 #define threadIdx ::mmfast_emulation::thread_index
 #define blockIdx ::mmfast_emulation::block_index
@@ -99,7 +194,7 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t smem_bytes, c
 #define __shfl_xor_sync(mask, v, lane_mask) ::mmfast_emulation::shfl_xor((v), (lane_mask))
 #define MMFAST_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::mmfast_emulation::smem)
 #define MMFAST_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
-  ::mmfast_emulation::launch(kernel, (grid), (block), (smem_bytes), __VA_ARGS__)
+  ::mmfast_emulation::launch(kernel, dim3(grid), dim3(block), (smem_bytes), __VA_ARGS__)
 // No device: the runtime calls the launch helpers make succeed trivially.
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaGetLastError() cudaSuccess

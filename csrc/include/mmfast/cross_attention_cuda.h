@@ -38,13 +38,26 @@ struct AttentionShape {
 // The largest dynamic shared memory any of the kernels needs for this head dim (bytes).
 int64_t attention_smem_bytes(int64_t head_dim);
 
-// The dynamic shared memory a block may opt in to on the current device (bytes).
+// The dynamic shared memory a block may opt in to on the current device (bytes), and its SM count.
 int64_t device_smem_limit();
+int device_sm_count();
 
-// out = softmax(scale * q k^T) v over both segments; lse [B, H, Lq] = the rows' log-sum-exp.
+// How many key ranges the forward splits the keys into (split-K) for this shape on a device with
+// sm_count SMs: 1 when the (batch*head, 64-query block) grid fills the device already.
+int attention_forward_splits(const AttentionShape& shape, int sm_count);
+
+// Floats of scratch the forward needs with `splits` > 1: each split's output and log-sum-exp.
+inline int64_t attention_split_scratch_floats(const AttentionShape& shape, int splits) {
+  return splits > 1 ? splits * shape.batch * shape.heads * shape.q_len * (shape.head_dim + 1) : 0;
+}
+
+// out = softmax(scale * q k^T) v over both segments; lse [B, H, Lq] = the rows' log-sum-exp. With
+// splits > 1 (attention_forward_splits) each of `splits` blocks per query block attends a range of the
+// keys into split_scratch (attention_split_scratch_floats) and a second kernel merges them by their
+// log-sum-exps.
 cudaError_t cross_attention_forward(DType dtype, const AttentionShape& shape, HeadRows q, const HeadRows (&k)[2],
                                     const HeadRows (&v)[2], float scale, MutableHeadRows out, float* lse,
-                                    cudaStream_t stream);
+                                    int splits, float* split_scratch, cudaStream_t stream);
 
 // The fused backward: delta = rowsum(grad_out * out) into the scratch `delta` [B, H, Lq], then dK/dV
 // (one block per key block, streaming the queries) and dQ (one block per query block, streaming the keys):

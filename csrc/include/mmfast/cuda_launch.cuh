@@ -35,20 +35,27 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Opt-in shared-memory limit per block of the current device (cached: the query is a driver call).
-inline int64_t max_dynamic_smem() {
+// An attribute of the current device, cached per device (the query is a driver call); `fallback` when
+// it cannot be read.
+template <cudaDeviceAttr Attr>
+int cached_device_attribute(int fallback) {
   static std::atomic<int> cache[64];
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
   int v = cache[dev].load(std::memory_order_relaxed);
   if (v == 0) {
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    if (cudaDeviceGetAttribute(&v, Attr, dev) != cudaSuccess) {
       (void)cudaGetLastError();
-      return 48 * 1024;
+      return fallback;
     }
     cache[dev].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+// Opt-in shared-memory limit per block of the current device.
+inline int64_t max_dynamic_smem() {
+  return cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
 }
 
 // Dynamic shared memory above the default 48 KB needs the kernel's opt-in first.
