@@ -24,6 +24,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # compute-sanitizer clean and 1.2-1.5x faster than eager on an NVIDIA H200, 2026-11-27
 # (benchmarks/results/nvidia-h200/). Its Triton kernels were right there but slower than eager, and
 # changed after that run: not in auto until a GPU run checks them again.
+# Not here yet: the CUDA C++ kernels of cross_attention and of the contrastive-loss block ops (2026-11-27)
+# and their Triton kernels, tested only on CPU (tests/test_cuda_emulation.py, the Triton interpreter): a
+# benchmarks/gpu_check.sh run whose pytest and sanitizer stages pass adds them, fastest first.
 GPU_VALIDATED: dict[str, tuple[str, ...]] = {
     "similarity_softmax": ("cuda",),
 }
