@@ -71,17 +71,7 @@ constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
 // ---- arguments -----------------------------------------------------------------------------------
 void check_block(const Tensor& rows, const Tensor& cols) {
-  MMFAST_CHECK_DIM(rows, 2);
-  MMFAST_CHECK_DIM(cols, 2);
-  const auto dtype = rows.scalar_type();
-  MMFAST_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-               "rows must be float32, float16, bfloat16 or float64, got ", dtype);
-  MMFAST_CHECK_SAME_DTYPE(cols, rows);
-  MMFAST_CHECK_SAME_DEVICE(cols, rows);
-  MMFAST_CHECK(rows.size(1) == cols.size(1), "feature dim D mismatch: rows has ", rows.size(1), " (shape ",
-               rows.sizes(), ") but cols has ", cols.size(1), " (shape ", cols.sizes(), ")");
-  MMFAST_CHECK(rows.numel() > 0, "rows must not be empty, got shape ", rows.sizes());
-  MMFAST_CHECK(cols.numel() > 0, "cols must not be empty, got shape ", cols.sizes());
+  check_feature_pair(rows, "rows", cols, "cols", /*allow_double=*/true);
 }
 
 // logit_scale / logit_bias: 0-dim or [1] floating tensors on the features' device.

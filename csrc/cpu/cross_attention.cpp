@@ -497,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(const at::Tensor& q_in, c
     k2 = head_dim_contiguous(*k2_in);
     v2 = head_dim_contiguous(*v2_in);
   }
-  const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), d = q.size(3);
+  const int64_t b = q.size(0), h = q.size(1), lq = q.size(2);
   at::Tensor out = empty_output(q);
   at::Tensor lse = at::empty({b, h, lq}, q.options().dtype(stats_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mmfast::cross_attention", [&] {

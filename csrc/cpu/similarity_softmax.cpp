@@ -37,15 +37,7 @@ int64_t round_up_to_vec(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
 // ---- arguments -----------------------------------------------------------------------------------
 void check_features(const Tensor& image, const Tensor& text) {
-  MMFAST_CHECK_DIM(image, 2);
-  MMFAST_CHECK_DIM(text, 2);
-  MMFAST_CHECK_FLOAT(image);
-  MMFAST_CHECK_SAME_DTYPE(text, image);
-  MMFAST_CHECK_SAME_DEVICE(text, image);
-  MMFAST_CHECK(image.size(1) == text.size(1), "feature dim D mismatch: image has ", image.size(1),
-               " (shape ", image.sizes(), ") but text has ", text.size(1), " (shape ", text.sizes(), ")");
-  MMFAST_CHECK(image.numel() > 0, "image must not be empty, got shape ", image.sizes());
-  MMFAST_CHECK(text.numel() > 0, "text must not be empty, got shape ", text.sizes());
+  check_feature_pair(image, "image", text, "text", /*allow_double=*/false);
 }
 
 float scalar_arg(const Tensor& value, const char* name, const Tensor& image) {

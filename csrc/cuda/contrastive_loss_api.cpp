@@ -49,16 +49,8 @@ int64_t chunk_width(int64_t rows, int64_t cols) {
 
 // ---- argument checks (messages as the CPU op's, csrc/cpu/contrastive_loss.cpp) ---------------------
 void check_block(const Tensor& rows, const Tensor& cols) {
-  MMFAST_CHECK_DIM(rows, 2);
-  MMFAST_CHECK_DIM(cols, 2);
-  MMFAST_CHECK_FLOAT(rows);
-  MMFAST_CHECK_SAME_DTYPE(cols, rows);
-  MMFAST_CHECK_SAME_DEVICE(cols, rows);
+  check_feature_pair(rows, "rows", cols, "cols", /*allow_double=*/false);
   MMFAST_CHECK(rows.is_cuda(), "rows must be a CUDA tensor for the CUDA kernels, got ", rows.device());
-  MMFAST_CHECK(rows.size(1) == cols.size(1), "feature dim D mismatch: rows has ", rows.size(1), " (shape ",
-               rows.sizes(), ") but cols has ", cols.size(1), " (shape ", cols.sizes(), ")");
-  MMFAST_CHECK(rows.numel() > 0, "rows must not be empty, got shape ", rows.sizes());
-  MMFAST_CHECK(cols.numel() > 0, "cols must not be empty, got shape ", cols.sizes());
   // Row kernels put 8 rows per block (grid.x < 2^31) and cuBLAS takes 32-bit sizes.
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   MMFAST_CHECK(rows.size(0) <= kMax && cols.size(0) <= kMax && rows.size(1) <= kMax,

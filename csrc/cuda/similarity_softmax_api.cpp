@@ -72,14 +72,8 @@ const float* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t-
 // ---- argument checks (the Python layer checks first; these guard direct torch.ops calls) ------
 
 void check_features(const at::Tensor& image, const at::Tensor& text) {
-  MMFAST_CHECK_DIM(image, 2);
-  MMFAST_CHECK_DIM(text, 2);
-  MMFAST_CHECK_FLOAT(image);
-  MMFAST_CHECK_SAME_DTYPE(image, text);
-  MMFAST_CHECK_SAME_DEVICE(image, text);
+  check_feature_pair(image, "image", text, "text", /*allow_double=*/false);
   MMFAST_CHECK(image.is_cuda(), "image must be a CUDA tensor for the CUDA kernels, got ", image.device());
-  MMFAST_CHECK(image.size(1) == text.size(1), "feature dim D mismatch: image has ", image.size(1), " (shape ",
-               image.sizes(), ") but text has ", text.size(1), " (shape ", text.sizes(), ")");
   // One block per row (grid.x < 2^31) and class indices in 32 bits (the top-k keys).
   MMFAST_CHECK(image.size(0) <= std::numeric_limits<int32_t>::max(), "image has too many rows (", image.size(0), ")");
   MMFAST_CHECK(text.size(0) <= std::numeric_limits<int32_t>::max(), "text has too many rows (", text.size(0), ")");
