@@ -12,6 +12,9 @@ dtype — per layer to_kv over the media and over the latents, to_q, to_out and 
 GEMMs (~29 GFLOP forward; the first layer's latents are one [64, 1024] matrix expanded over the
 batch, so its to_q and to_kv of the latents are done once); in the full mode their backward GEMMs (dW
 and dX of each). LayerNorms, GELU, residual adds and the attention core are not in the floor.
+Floor "gemm+attn" (informational, no target): the same GEMMs plus the attention's own products q k^T and
+p v as torch.bmm on the same shapes, so the tables show how much of the gap to floor-gemm is attention
+matmul work any implementation does and how much the rest (softmax, LayerNorms, GELU, adds).
 """
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,34 @@ def _gemm_floor(x, **params):
     return [lat] + outs
 
 
+def _gemm_attention_floor(x, **params):
+    """_gemm_floor plus the attention's own products, q k^T and p v per head, as batched GEMMs (torch.bmm)
+    on the same shapes: 0.6 of the forward's ~29 GFLOP at b=8 (the first layer's latent keys are the
+    same for every sample: their products are done once per head). The GEMM outputs are reinterpreted
+    as head-major by views (values scrambled; shapes, FLOPs and strides those of a head-major layout),
+    so the floor holds no layout copies, and no softmax runs between the products."""
+    b, t, n, dim = x.shape
+    heads, d, m = CONFIG["heads"], CONFIG["dim_head"], CONFIG["num_latents"]
+    media = x.reshape(b * t * n, dim)
+    lat = params["latents"]  # [m, D]
+    outs = []
+    for i in range(CONFIG["depth"]):
+        p = f"layers.{i}."
+        kv_media = F.linear(media, params[p + "0.to_kv.weight"]).view(b * t * heads, 2 * n, d)
+        kv_lat = F.linear(lat, params[p + "0.to_kv.weight"]).view(-1, 2 * m, d)  # [h or b*t*h, 2m, d]
+        q = F.linear(lat, params[p + "0.to_q.weight"])
+        q_lat = q.view(-1, m, d)
+        if i == 0:  # per sample from here on (the attention mixes in each sample's media)
+            q = q.expand(b * t, *q.shape).reshape(-1, q.shape[-1])
+        q_heads = q.view(b * t * heads, m, d)
+        out = torch.bmm(torch.bmm(q_heads, kv_media[:, :n].transpose(1, 2)), kv_media[:, n:])
+        out_lat = torch.bmm(torch.bmm(q_lat, kv_lat[:, :m].transpose(1, 2)), kv_lat[:, m:])
+        lat = F.linear(out.view(b * t * m, heads * d), params[p + "0.to_out.weight"])
+        lat = F.linear(F.linear(lat, params[p + "1.1.weight"]), params[p + "1.3.weight"])
+        outs += [kv_media, out_lat]
+    return [lat] + outs
+
+
 def _resampler_case(dtype: torch.dtype, targets=(), quick=True) -> Case:
     model_ref, model = _modules()
     names = tuple(model_ref.state_dict())
@@ -90,7 +121,7 @@ def _resampler_case(dtype: torch.dtype, targets=(), quick=True) -> Case:
                 dtype=dtype, x_name="b", x_value=batch,
                 params={"b": batch, "t": 1, "n": MEDIA, **CONFIG}, make_inputs=make_inputs,
                 reference=reference, mmfast=fast, backends=IMPLEMENTATIONS, grad_inputs=("x",) + names,
-                floors={"gemm": _gemm_floor}, modes=("forward", "full"), targets=tuple(targets), quick=quick)
+                floors={"gemm": _gemm_floor, "gemm+attn": _gemm_attention_floor}, modes=("forward", "full"), targets=tuple(targets), quick=quick)
 
 
 @register("perceiver_resampler")
