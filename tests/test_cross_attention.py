@@ -81,6 +81,12 @@ SHAPES = {
     "d=40-Lq=12": (1, 2, 12, 11, 2, 40),
     "Lk=257": (1, 2, 3, 257, 0, 64),
     "Lk=257-k2": (1, 2, 3, 257, 130, 64),
+    # bf16 on a CPU with AMX runs these on the tiles (d >= 32, >= 32 queries, >= 64 keys): ragged query
+    # blocks and key tiles, head dims that are not a multiple of the 32-deep tile
+    "tiles-d=32-Lq=40": (1, 2, 40, 75, 9, 32),
+    "tiles-d=48-Lq=64": (1, 1, 64, 100, 5, 48),
+    "tiles-d=96-Lq=33": (1, 2, 33, 70, 0, 96),
+    "tiles-d=128-Lq=37": (1, 2, 37, 65, 3, 128),
 }
 
 
