@@ -318,11 +318,25 @@ struct AmxTiles {
     amx::pack_vnni(q_first, q_stride, qn, d, q_pairs.data(), qnd, dp);
   }
 
+  // kn rows of d bf16 as the A operand: read in place when they fill whole tiles (d a multiple of 32, kn
+  // of 16: the Perceiver's 64-key tiles of d=64), else copied zero-padded into `scratch`. Returns the rows;
+  // `ld` gets their stride.
+  const uint16_t* a_rows_of(const c10::BFloat16* first, int64_t stride, int64_t kn, std::vector<uint16_t>& scratch,
+                            int64_t& ld) {
+    if (d == dp32 && kn % amx::kTileRows == 0) {
+      ld = stride;
+      return reinterpret_cast<const uint16_t*>(first);
+    }
+    amx::pack_rows(first, stride, kn, d, scratch.data(), amx::pad_rows(kn), dp32);
+    ld = dp32;
+    return scratch.data();
+  }
+
   // st[0:kn, 0:qnp] = scale * K Q^T (rows up to kn rounded to 16 are written).
   void logits(const c10::BFloat16* k_first, int64_t stride, int64_t kn, int64_t qnp, float scale, float* st) {
-    const int64_t knp = amx::pad_rows(kn);
-    amx::pack_rows(k_first, stride, kn, d, k_rows.data(), knp, dp32);
-    amx::gemm(knp, qnp, dp32, k_rows.data(), dp32, q_t.data(), st, kQueryBlock, false);
+    int64_t ld = 0;
+    const uint16_t* k = a_rows_of(k_first, stride, kn, k_rows, ld);
+    amx::gemm(amx::pad_rows(kn), qnp, dp32, k, ld, q_t.data(), st, kQueryBlock, false);
     for (int64_t j = 0; j < kn; ++j) scale_row(st + j * kQueryBlock, qnp, scale);
   }
 
@@ -346,9 +360,9 @@ struct AmxTiles {
 
   // dst[0:kn, 0:qnp] = V dO^T.
   void value_grad_products(const c10::BFloat16* v_first, int64_t stride, int64_t kn, int64_t qnp, float* dst) {
-    const int64_t knp = amx::pad_rows(kn);
-    amx::pack_rows(v_first, stride, kn, d, v_rows.data(), knp, dp32);
-    amx::gemm(knp, qnp, dp32, v_rows.data(), dp32, do_t.data(), dst, kQueryBlock, false);
+    int64_t ld = 0;
+    const uint16_t* v = a_rows_of(v_first, stride, kn, v_rows, ld);
+    amx::gemm(amx::pad_rows(kn), qnp, dp32, v, ld, do_t.data(), dst, kQueryBlock, false);
   }
 
   // rows[0:kn] (=, or += unless first) mult * X^T B for X^T = xt (kn x qnp fp32, kQueryBlock apart) and B
