@@ -87,6 +87,7 @@ SHAPES = {
     "tiles-d=48-Lq=64": (1, 1, 64, 100, 5, 48),
     "tiles-d=96-Lq=33": (1, 2, 33, 70, 0, 96),
     "tiles-d=128-Lq=37": (1, 2, 37, 65, 3, 128),
+    "tiles-d=33-Lq=32": (1, 1, 32, 64, 0, 33),  # an odd head dim: half a bf16 pair
 }
 
 

@@ -12,6 +12,8 @@
 // load their own between our calls.
 #pragma once
 
+#include "mmfast/cpu_utils.h"  // at::vec with the CPU capability every CPU source uses
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
@@ -173,6 +175,12 @@ inline void pack_vnni_transposed(const c10::BFloat16* src, int64_t stride, int64
   const auto* s = reinterpret_cast<const uint16_t*>(src);
   auto* d = reinterpret_cast<uint32_t*>(dst);
   std::memset(dst, 0, k_p * n_p * sizeof(uint16_t));
+  if (k % 2 == 0 && stride % 2 == 0) {  // whole pairs: transpose them as 32-bit lanes (moves keep the bits);
+    // the scalar loop below took ~10% of the Perceiver-shaped forward (perf)
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(s), stride / 2, reinterpret_cast<float*>(d), n_p, n,
+                                  k / 2);
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const uint16_t* row = s + j * stride;
     for (int64_t t = 0; t < k; t += 2)
