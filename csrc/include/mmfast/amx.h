@@ -1,7 +1,7 @@
 // AMX (Advanced Matrix Extensions) bf16 tile products for the CPU kernels, and the operand packing they
 // need. On this machine (Sapphire Rapids, 2 cores) a 64x64x64 bf16 product with fp32 accumulation takes
 // 0.99 us on the AMX tiles vs 3.4-3.7 us with fp32 FMAs on converted operands (at::vec micro-GEMM) and
-// 6.2 us with AVX512-BF16's vdpbf16ps (one thread, operands in cache; /tmp prototypes of 2026-11-28).
+// 6.2 us with AVX512-BF16's vdpbf16ps (one thread, operands in cache, standalone prototypes, 2026-11-28).
 //
 // Layouts (the tile unit is 16 rows of 64 bytes):
 //   A: bf16 rows, m x k, `lda` elements apart (m a multiple of 16, k of 32);
