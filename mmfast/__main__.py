@@ -62,6 +62,27 @@ def info() -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import torch
+
+    from mmfast import backend, tuning
+
+    device, capability = args.device, args.compute_capability
+    if device is None or capability is None:
+        if not torch.cuda.is_available():
+            print("mmfast tune: no CUDA device here: pass --device and --compute-capability", file=sys.stderr)
+            return 2
+        found = backend._cuda_device_class(torch.cuda.current_device())
+        device, capability = device or found[0], capability or found[1]
+    out = args.out or tuning.table_path(device)
+    table = tuning.write_table(args.results, out, device=device, compute_capability=capability, source=args.source)
+    print(f"dispatch table for {device} (sm {capability}): {out}")
+    for op, per_dtype in sorted(table["ops"].items()):
+        for dtype, entry in sorted(per_dtype.items()):
+            print(f"  {op:20} {dtype:9} auto -> {' > '.join(entry['order'])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,9 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="redo plots and RESULTS.md tables from the CSVs")
     rep.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     rep.add_argument("--results-md", default=None, help="default: OUT/../RESULTS.md")
+    tune = sub.add_parser("tune", help="write the dispatch table of `auto` from a GPU run's bench CSVs")
+    tune.add_argument("results", help="folder of the run's CSVs (searched recursively)")
+    tune.add_argument("--device", default=None, help="device class (default: this machine's CUDA device)")
+    tune.add_argument("--compute-capability", default=None, help="e.g. 9.0 (default: this machine's)")
+    tune.add_argument("--source", default="", help="what the run was (date, versions), kept in the table")
+    tune.add_argument("--out", default=None, help="default: mmfast/tuning/<device>.json")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "bench":
         return runner.main(args)
     from mmfast.bench import registry, report

@@ -3,19 +3,25 @@
 Precedence: the per-call `backend=` argument, then the innermost `with mmfast.use_backend(...)`,
 then `mmfast.set_backend(...)`, then the environment variable MMFAST_BACKEND, then "auto".
 
-`auto` picks per device and op: on CPU the C++ kernel; on CUDA the fastest implementation that
-has been validated on a GPU (GPU_VALIDATED below, filled from benchmarks/gpu_check.sh runs), else
-the reference. Float64 inputs run the reference under `auto` (the kernels do fp32/fp16/bf16).
+`auto` picks per device and op: on CPU the C++ kernel; on CUDA the implementation that a GPU run of the
+benchmark measured fastest on this device class (the dispatch table, mmfast/tuning/<device-class>.json,
+written by benchmarks/gpu_check.sh), among those validated on a GPU (GPU_VALIDATED below) — or
+"upstream", upstream's own computation, where no mmfast kernel beat it: a drop-in is never slower than
+what it replaces. Float64 inputs run the reference under `auto` (the kernels do fp32/fp16/bf16).
 Asking for a backend that cannot run is an error that says why — never a silent fallback.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+# What `auto` resolves to where no mmfast kernel beat upstream on this device: each op runs upstream's own
+# computation (the reference, which mirrors it line by line; for the cross-attention core, cat + SDPA).
+UPSTREAM = "upstream"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Implementations checked and timed on a GPU by benchmarks/gpu_check.sh, per op, fastest first.
@@ -130,19 +136,78 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [n for n in ("cuda", "triton", "cpu", "reference") if _why_unavailable(n, device) is None]
 
 
+# ---- the dispatch tables (mmfast/tuning) -----------------------------------------------------------------
+_DTYPE_KEYS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_tables: dict[tuple[str, int | None], dict | None] = {}  # (device type, index) -> its table (None: none)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_device_class(index: int) -> tuple[str, str]:
+    """(device class, compute capability) of a CUDA device, e.g. ("nvidia-h200", "9.0"): the name of the
+    folder and table its GPU runs are filed under (mmfast.bench.runner.device_name)."""
+    props = torch.cuda.get_device_properties(index)
+    name = re.sub(r"[^a-z0-9.]+", "-", props.name.lower()).strip("-")
+    return name, f"{props.major}.{props.minor}"
+
+
+def _table(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return _tables.get((device.type, device.index))  # CPU dispatch is fixed unless a test installs a table
+    key = ("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _tables:
+        from mmfast import tuning
+
+        _tables[key] = tuning.table_for(*_cuda_device_class(key[1]))
+    return _tables[key]
+
+
+def set_dispatch_table(device: str | torch.device, table: dict | None) -> None:
+    """Use `table` (mmfast.tuning's format; None: no table) for `auto` on `device` in this process, in place
+    of the committed one: for a freshly measured GPU, or a test of the dispatch."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _tables[(device.type, device.index)] = table
+
+
+def _tuned_order(op: str, device: torch.device, dtype: torch.dtype) -> list[str] | None:
+    table = _table(device)
+    entry = table["ops"].get(op, {}).get(_DTYPE_KEYS.get(dtype)) if table is not None else None
+    return entry["order"] if entry is not None else None
+
+
+# The drop-in module cases of the bench (their table keys) run on the cross-attention core: validated as it.
+_VALIDATED_AS = {"sam_attention": "cross_attention", "perceiver_resampler": "cross_attention"}
+
+
+def _auto(op: str, implementations: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+          table_key: str) -> str:
+    """`auto`: the dispatch table's first runnable choice (table_key: the op's bench name), else (no entry)
+    on CPU the C++ kernel and on CUDA the GPU-validated order, else upstream. On CUDA only implementations
+    GPU_VALIDATED lists are taken: the table says what is fast, a GPU test run what is correct."""
+    order = _tuned_order(table_key, device, dtype)
+    validated = GPU_VALIDATED.get(_VALIDATED_AS.get(op, op), ()) if device.type == "cuda" else implementations
+    if order is None:
+        if device.type == "cpu":
+            return "cpu" if "cpu" in implementations and _why_unavailable("cpu", device) is None else "reference"
+        order = list(validated) + [UPSTREAM]
+    for candidate in order:
+        if candidate == UPSTREAM:
+            return UPSTREAM
+        if candidate in validated and candidate in implementations and _why_unavailable(candidate, device) is None:
+            return candidate
+    return UPSTREAM
+
+
 def resolve(op: str, implementations: tuple[str, ...], device: torch.device, dtype: torch.dtype,
             requested: str | None = None) -> str:
-    """The concrete backend that runs `op` (whose implementations are `implementations`)."""
+    """The concrete backend that runs `op` (whose implementations are `implementations`); under `auto` it
+    may be UPSTREAM (the op then runs upstream's own computation)."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name == "auto":
         if dtype not in KERNEL_DTYPES:
             return "reference"
-        if device.type == "cpu":
-            return "cpu" if "cpu" in implementations and _why_unavailable("cpu", device) is None else "reference"
-        for candidate in GPU_VALIDATED.get(op, ()):
-            if candidate in implementations and _why_unavailable(candidate, device) is None:
-                return candidate
-        return "reference"
+        return _auto(op, implementations, device, dtype, op)
     if name not in implementations:
         raise BackendUnavailableError(f"mmfast: op {op!r} has no {name!r} implementation (it has {implementations})")
     why = _why_unavailable(name, device)
@@ -152,3 +217,18 @@ def resolve(op: str, implementations: tuple[str, ...], device: torch.device, dty
         raise BackendUnavailableError(
             f"mmfast: backend {name!r} runs float32, float16 and bfloat16; got {dtype} (use backend='reference')")
     return name
+
+
+def module_backend(table_key: str, implementations: tuple[str, ...], device: torch.device,
+                   dtype: torch.dtype, kernel_shapes: bool = True) -> str:
+    """What a drop-in module runs: UPSTREAM (the upstream module's own forward) or the backend to pass to
+    its ops. A backend the user chose is passed on; under `auto` the dispatch table's entry for the module's
+    bench case (table_key: "sam_attention", "perceiver_resampler") decides; with no entry the module runs
+    its fused path with `auto` ops (implementations: those of the module's attention core). kernel_shapes:
+    whether the module's shapes (head dims) are ones the kernels take; if not, a kernel the table chose is
+    not forced on the ops, which then pick under `auto` (the reference for such shapes)."""
+    name = get_backend()
+    if name != "auto" or dtype not in KERNEL_DTYPES or _tuned_order(table_key, device, dtype) is None:
+        return name
+    choice = _auto(table_key, implementations, device, dtype, table_key)
+    return choice if choice == UPSTREAM or kernel_shapes else "auto"

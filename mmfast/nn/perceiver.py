@@ -10,7 +10,11 @@ upstream), so `load_state_dict(strict=True)` works both ways; the forward math d
 - the first layer's latents (the parameter expanded over the batch) are normed and projected once;
 - the residual adds are done by the GEMMs (addmm); GELU runs in place under no_grad.
 Layers that are not the plain upstream ones (a LoRA-wrapped Linear, a module with hooks) are called
-as modules, so they keep working. Measured with benchmarks/perceiver.py's case (b=8, n=256, D=1024,
+as modules, so they keep working. Under backend "auto" on a GPU whose dispatch table (mmfast/tuning)
+measured no mmfast implementation faster than upstream in the input's dtype, the modules run upstream's
+own forward (the reference modules', op for op): on the H200 of 2026-12-04 the fp32 drop-in was 0.79x
+(reference core) to 0.96x (CUDA core) of upstream's forward.
+Measured with benchmarks/perceiver.py's case (b=8, n=256, D=1024,
 depth 2, fp32, 2 threads, load ~1.8) against the previous version of this file (no sharing, separate
 adds), calls interleaved, medians of 20: forward 142 vs 151 ms, forward + backward 456 vs 474 ms
 (upstream 152 / 469 ms, the GEMMs alone 126 / 404 ms). Leaving one fusion out (another run, forward /
@@ -23,9 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfast import backend as _backend
 from mmfast.ops._checks import check_tensor
-from mmfast.ops.cross_attention import cross_attention
+from mmfast.ops.cross_attention import HEAD_DIMS, IMPLEMENTATIONS, cross_attention
 from mmfast.reference import perceiver as _ref
+
+
+def _module_backend(x: torch.Tensor, dim_head: int | None = None) -> str:
+    """UPSTREAM (run the upstream forward) or the backend for the core at head dim `dim_head` (None: the
+    layer loop, which only needs the upstream decision); see backend.module_backend."""
+    fits = dim_head is None or HEAD_DIMS[0] <= dim_head <= HEAD_DIMS[1]
+    return _backend.module_backend("perceiver_resampler", IMPLEMENTATIONS, x.device, x.dtype, kernel_shapes=fits)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -68,6 +80,8 @@ def _linear_residual(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor 
 class PerceiverAttention(_ref.PerceiverAttention):
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """x [b, t, n, D] media, latents [b, t, m, D] -> [b, t, m, D]."""
+        if _module_backend(latents) == _backend.UPSTREAM:
+            return super().forward(x, latents)
         return self._attend(x, latents, None)
 
     def _attend(self, x: torch.Tensor, latents: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -78,6 +92,7 @@ class PerceiverAttention(_ref.PerceiverAttention):
             raise ValueError(f"mmfast: x {tuple(x.shape)} and latents {tuple(latents.shape)} must share b, t and D")
         b, t, m, _ = latents.shape
         h = self.heads
+        impl = _module_backend(latents, self.to_q.out_features // h)
         x = self.norm_media(x)
         shared = _shared_over_batch(latents)
         # Every sample's latents are the same in the first layer: their norm and projections are
@@ -93,7 +108,8 @@ class PerceiverAttention(_ref.PerceiverAttention):
         if shared:
             q, k_lat, v_lat = (y.expand(b, t, *y.shape[2:]) for y in (q, k_lat, v_lat))
         out = cross_attention(_split_heads(q, h), _split_heads(k_media, h), _split_heads(v_media, h),
-                              k2=_split_heads(k_lat, h), v2=_split_heads(v_lat, h), scale=self.scale)
+                              k2=_split_heads(k_lat, h), v2=_split_heads(v_lat, h), scale=self.scale,
+                              backend=impl)
         out = out.transpose(1, 2).reshape(b, t, m, -1)  # a view: heads are the outer factor of inner_dim
         return _linear_residual(out, self.to_out, residual)
 
@@ -114,7 +130,9 @@ def _feed_forward(ff: torch.nn.Sequential, latents: torch.Tensor) -> torch.Tenso
 
 def _run_layers(layers, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """The reference's layer loop (mmfast.reference.perceiver._run_layers), each residual add done by
-    the block's last GEMM."""
+    the block's last GEMM; upstream's own loop where the dispatch table says upstream is faster."""
+    if _module_backend(latents) == _backend.UPSTREAM:
+        return _ref._run_layers(layers, x, latents)
     for attn, ff in layers:
         if isinstance(attn, PerceiverAttention) and not (attn._forward_hooks or attn._forward_pre_hooks):
             latents = attn._attend(x, latents, latents)

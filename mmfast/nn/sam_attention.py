@@ -11,6 +11,10 @@ so a SAM checkpoint's `mask_decoder.transformer` loads with strict=True. What di
   positional encoding are the same, the first block's image-side projections run once (`shared_image`).
 SAM2's Attention with dropout > 0 in training runs the reference forward (the rearrangements have no
 dropout); SAM2's two-way transformer itself builds its attentions without dropout.
+Under backend "auto" on a GPU whose dispatch table (mmfast/tuning) measured no mmfast implementation of
+these modules faster than upstream, every module here runs upstream's own forward (the reference module's,
+which mirrors it op for op): on the H200 of 2026-12-04 the fused fp32 path took 0.53-0.76x upstream's speed
+at 7 tokens, where launches and host overhead, not arithmetic, set the time.
 """
 from __future__ import annotations
 
@@ -20,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfast import backend as _backend
 from mmfast.ops._checks import check_tensor
+from mmfast.ops.cross_attention import HEAD_DIMS, IMPLEMENTATIONS
 from mmfast.ops.sam_attention import Projections, sam_attention
 from mmfast.reference import sam_attention as _ref
+
+
+def _module_backend(x: Tensor, *attentions) -> str:
+    """UPSTREAM (run the upstream forward) or the backend for sam_attention on `attentions`' weights
+    (see backend.module_backend)."""
+    fits = all(HEAD_DIMS[0] <= a.internal_dim // a.num_heads <= HEAD_DIMS[1] for a in attentions)
+    return _backend.module_backend("sam_attention", IMPLEMENTATIONS, x.device, x.dtype, kernel_shapes=fits)
 
 
 def _norm(layer_norm) -> tuple:
@@ -37,16 +50,20 @@ class SamAttention(_ref.Attention):
     """segment-anything's Attention(embedding_dim, num_heads, downsample_rate=1)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return sam_attention(q, k, v, Projections.of(self), self.num_heads)
+        impl = _module_backend(q, self)
+        if impl == _backend.UPSTREAM:
+            return super().forward(q, k, v)
+        return sam_attention(q, k, v, Projections.of(self), self.num_heads, backend=impl)
 
 
 class Sam2Attention(_ref.Sam2Attention):
     """SAM2's Attention(embedding_dim, num_heads, downsample_rate=1, dropout=0.0, kv_in_dim=None)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if _runs_dropout(self):
+        impl = _module_backend(q, self)
+        if _runs_dropout(self) or impl == _backend.UPSTREAM:
             return super().forward(q, k, v)
-        return sam_attention(q, k, v, Projections.of(self), self.num_heads)
+        return sam_attention(q, k, v, Projections.of(self), self.num_heads, backend=impl)
 
 
 class _FusedTwoWayBlock:
@@ -54,24 +71,25 @@ class _FusedTwoWayBlock:
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
         attentions = (self.self_attn, self.cross_attn_token_to_image, self.cross_attn_image_to_token)
-        if any(_runs_dropout(a) for a in attentions):
+        impl = _module_backend(queries, *attentions)
+        if impl == _backend.UPSTREAM or any(_runs_dropout(a) for a in attentions):
             return super().forward(queries, keys, query_pe, key_pe)
         heads = self.self_attn.num_heads
         if self.skip_first_layer_pe:  # the first layer: no positional encoding and no residual
             queries = sam_attention(queries, queries, queries, Projections.of(self.self_attn), heads,
-                                    norm=_norm(self.norm1))
+                                    norm=_norm(self.norm1), backend=impl)
         else:
             q = queries + query_pe
             queries = sam_attention(q, q, queries, Projections.of(self.self_attn), heads, residual=queries,
-                                    norm=_norm(self.norm1))
+                                    norm=_norm(self.norm1), backend=impl)
         image_with_pe = keys + key_pe  # shared by both cross-attentions (keys do not change in between)
         queries = sam_attention(queries + query_pe, image_with_pe, keys, Projections.of(self.cross_attn_token_to_image),
-                                heads, residual=queries, norm=_norm(self.norm2))
+                                heads, residual=queries, norm=_norm(self.norm2), backend=impl)
         queries = F.layer_norm(queries + self.mlp(queries), self.norm3.normalized_shape, self.norm3.weight,
                                self.norm3.bias, self.norm3.eps)
         q = queries + query_pe
         keys = sam_attention(image_with_pe, q, queries, Projections.of(self.cross_attn_image_to_token), heads,
-                             residual=keys, norm=_norm(self.norm4))
+                             residual=keys, norm=_norm(self.norm4), backend=impl)
         return queries, keys
 
 
@@ -115,6 +133,9 @@ class _FusedTwoWayTransformer:
         if image_embedding.shape[1] != point_embedding.shape[2]:
             raise ValueError(f"mmfast: image_embedding has {image_embedding.shape[1]} channels but point_embedding "
                              f"{tuple(point_embedding.shape)} has {point_embedding.shape[2]}")
+        impl = _module_backend(point_embedding, self.final_attn_token_to_image)
+        if impl == _backend.UPSTREAM:  # upstream's forward, its blocks and attentions upstream's too
+            return super().forward(image_embedding, image_pe, point_embedding)
         image = image_embedding.flatten(2).permute(0, 2, 1)  # [B, HW, C] views, as upstream
         pe = image_pe.flatten(2).permute(0, 2, 1)
         if _same_for_every_prompt(image) and _same_for_every_prompt(pe):
@@ -131,7 +152,7 @@ class _FusedTwoWayTransformer:
             queries = self.norm_final_attn(queries + attended)
         else:
             queries = sam_attention(queries + point_embedding, keys + pe, keys, Projections.of(final), final.num_heads,
-                                    residual=queries, norm=_norm(self.norm_final_attn))
+                                    residual=queries, norm=_norm(self.norm_final_attn), backend=impl)
         if keys.shape[0] != prompts:  # depth 0 with a shared image: upstream returns one copy per prompt
             keys = keys.expand(prompts, -1, -1)
         return queries, keys
