@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_check.sh OUTDIR — the GPU check of mmfast, on an H100/H200 machine with no network.
 #
-# Expects python3 (3.12) with torch (CUDA build), triton, pybind11, ninja, pytest and pytest-benchmark
-# already installed, and nvcc; installs nothing, uses no venv (PYTHON=... to override python3).
-# Run from anywhere; it works in the source tree it sits in. Stages, each bounded by `timeout`; a
-# failing stage is logged and the next one runs; the whole stays inside GPU_CHECK_SECONDS (470):
-#   1. nvidia-smi                                               -> gpu_check.log
-#   2. build mmfast._C in place for sm_90a                      -> gpu_check.log
-#   3. python3 -m mmfast info                                   -> gpu_check.log
-#   4. pytest tests -k cuda (CUDA and Triton params, real GPU)  -> pytest.log
-#   5. compute-sanitizer memcheck of each CUDA op, tiny shapes  -> sanitizer.log
-#   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s        -> ceilings.txt
-#   7. python3 -m mmfast bench --quick --device cuda            -> bench.log, RESULTS.md,
-#                                                                  results.tar.gz (every op's CSV + PNG)
-# That is 7 files (the device runner brings back at most 8): the per-op CSVs and plots travel packed in
-# one tarball (unpack it into benchmarks/). Every op is benchmarked unless BENCH_ARGS names some
-# (BENCH_ARGS="--op sam_attention --op cross_attention"). The stage statuses end gpu_check.log and the output.
+# Expects python3 (3.12) with torch (CUDA build), triton, pybind11, ninja, pytest, pytest-xdist,
+# pytest-timeout and pytest-benchmark already installed, and nvcc; installs nothing, uses no venv
+# (PYTHON=... to override python3). Run from anywhere; it works in the source tree it sits in. Stages, each
+# bounded by `timeout`; a failing stage is logged and the next one runs; the whole stays inside
+# GPU_CHECK_SECONDS (530: inside the 9 minutes a lease has room for):
+#   1. nvidia-smi                                                 -> gpu_check.log
+#   2. build mmfast._C in place for sm_90a                        -> gpu_check.log
+#   3. python3 -m mmfast info                                     -> gpu_check.log
+#   4. pytest -k "cuda and not emulated" -n 12, no -x, with the dtype coverage guard on
+#      (MMFAST_COVERAGE_GUARD=1: a claimed backend/dtype that did not run and pass fails the stage)
+#                                                                 -> pytest.log
+#   5. compute-sanitizer memcheck of each CUDA op, tiny shapes    -> sanitizer.log
+#   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s          -> ceilings.txt
+#   7. python3 -m mmfast bench --quick --device cuda, one op at a time, each under its own cap so that one
+#      slow op cannot starve the rest (BENCH_OPS, "op:seconds" pairs), then a torch.profiler pass over the
+#      module cases (--profile)                                   -> bench.log, profile.txt
+#   8. python3 -m mmfast tune: the dispatch table of `auto` from the bench CSVs, written into
+#      mmfast/tuning/<device>.json and copied out                  -> <device>.json
+# The per-op CSVs and plots travel packed in one tarball, results.tar.gz (unpack it into benchmarks/): 8
+# files in all, the most the device runner brings back. torch.compile baselines are not timed (their
+# compile time does not fit a lease). The stage statuses end gpu_check.log and the output.
 set -u
 
 if [ $# -ne 1 ]; then
@@ -32,15 +38,15 @@ export PATH="$CUDA_HOME/bin:$PATH"
 unset TRITON_INTERPRET  # Triton runs for real here
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-470} ))
-BENCH_RESERVE=150  # seconds kept for the last stage, the benchmark, whatever came before
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-530} ))
+BENCH_RESERVE=260  # seconds kept for the benchmark stages, whatever came before
 STATUS=()
 
 # stage NAME CAP LOGFILE CMD...: run CMD under timeout (CAP, or less to keep BENCH_RESERVE), output teed to LOGFILE.
 stage() {
     local name=$1 cap=$2 log=$3 reserve=$BENCH_RESERVE
     shift 3
-    [ "$name" = bench ] && reserve=5
+    case $name in bench*|profile|tune) reserve=5 ;; esac
     local left=$(( DEADLINE - $(date +%s) - reserve ))
     local limit=$(( cap < left ? cap : left ))
     if [ "$limit" -lt 5 ]; then
@@ -146,19 +152,35 @@ stage nvidia-smi 15 "$LOG" nvidia-smi
 stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 stage info 40 "$LOG" "$PY" -m mmfast info
 # "not emulated": tests/test_cuda_emulation.py runs the same kernels on CPU threads, for machines without a GPU.
-stage pytest 180 "$OUT/pytest.log" "$PY" -m pytest tests -q -x -k "cuda and not emulated" -p no:cacheprovider
+# -n 12: the whole selection took 127 s on an H200 (2026-12-04); no -x, so every failure is listed.
+stage pytest 200 "$OUT/pytest.log" env MMFAST_COVERAGE_GUARD=1 "$PY" -m pytest tests -q -k "cuda and not emulated" \
+    -n 12 --timeout 160 -p no:cacheprovider
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
-    stage sanitizer 90 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    stage sanitizer 60 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" "$TMP/sanitize.py"
 else
     STATUS+=("sanitizer: SKIPPED (compute-sanitizer not found)")
     echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
 fi
-stage ceilings 45 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-stage bench 600 "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
-if [ -d "$OUT/results" ]; then  # one file back instead of two per op
+stage ceilings 30 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
+# One op at a time, each under its own cap (seconds; the 2026-12-04 run's quick cases took 13-90 s each;
+# clip_loss's B=65536 case alone needs ~60 s). A bench cut short still writes what it measured.
+PROVIDERS=${BENCH_PROVIDERS:-mmfast,mmfast-cuda,mmfast-triton,floor-gemm,floor-gemm+attn,eager-graph,mmfast-graph}
+for pair in ${BENCH_OPS:-sam_attention:50 perceiver_resampler:45 cross_attention:45 similarity_softmax:40 siglip_loss:25 clip_loss:70}; do
+    op=${pair%%:*}
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    stage "bench-$op" "${pair##*:}" "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --op "$op" \
+        --providers "$PROVIDERS" --out "$OUT/results" ${BENCH_ARGS:-}
+done
+stage profile 40 "$OUT/profile.txt" "$PY" -m mmfast bench --quick --device cuda --op sam_attention \
+    --op perceiver_resampler --providers mmfast --profile --out "$TMP/profile"
+DEVICE_CLASS=$("$PY" -c "import torch; from mmfast import backend; print(backend._cuda_device_class(0)[0])" 2>/dev/null)
+stage tune 20 "$LOG" "$PY" -m mmfast tune "$OUT/results" \
+    --source "benchmarks/gpu_check.sh on $(date -u +%F): $("$PY" -c 'import torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}")' 2>/dev/null)"
+[ -n "$DEVICE_CLASS" ] && [ -f "mmfast/tuning/$DEVICE_CLASS.json" ] && cp "mmfast/tuning/$DEVICE_CLASS.json" "$OUT/"
+if [ -d "$OUT/results" ]; then  # one file back instead of two per op (and the runner's RESULTS.md)
+    [ -f "$OUT/RESULTS.md" ] && mv "$OUT/RESULTS.md" "$OUT/results/"
     tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
 fi
 

@@ -58,7 +58,13 @@ def info() -> int:
         for op, names in backend.GPU_VALIDATED.items():
             print(f"  {op}: {', '.join(names)}")
     else:
-        print("  (empty: on CUDA, auto runs the reference until a kernel is validated by benchmarks/gpu_check.sh)")
+        print("  (empty: on CUDA, auto runs upstream's computation until a kernel is validated by benchmarks/gpu_check.sh)")
+    from mmfast import tuning
+    for device in devices:
+        if device == "cuda":
+            table = backend._table(torch.device("cuda"))
+            print(f"dispatch table on cuda: {table['device'] + ' (' + table['source'] + ')' if table else 'none'}")
+    print(f"dispatch tables committed (mmfast/tuning): {', '.join(tuning.available_tables()) or 'none'}")
     return 0
 
 

@@ -27,11 +27,19 @@ def test_auto_on_cpu_picks_cpp_kernel_and_reference_for_float64():
 
 def test_auto_on_cuda_uses_only_gpu_validated_implementations(monkeypatch):
     monkeypatch.setattr(backend, "_why_unavailable", lambda name, device: None)
+    monkeypatch.setattr(backend, "_table", lambda device: None)  # no dispatch table: the validated order
     monkeypatch.setattr(backend, "GPU_VALIDATED", {})
-    assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float16) == "reference"
+    assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float16) == backend.UPSTREAM
     monkeypatch.setattr(backend, "GPU_VALIDATED", {"op": ("triton", "cuda")})
     assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float16) == "triton"
     assert backend.resolve("op", ("cuda", "reference"), torch.device("cuda"), torch.float16) == "cuda"
+    # With a table, its order decides among the validated ones; an unvalidated kernel is passed over.
+    table = {"ops": {"op": {"float16": {"order": ["cpu", "cuda", "triton", "upstream"]},
+                            "float32": {"order": ["upstream"]}}}}
+    monkeypatch.setattr(backend, "_table", lambda device: table)
+    assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float16) == "cuda"
+    assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float32) == backend.UPSTREAM
+    assert backend.resolve("op", IMPLS, torch.device("cuda"), torch.float32, "triton") == "triton"
 
 
 def test_precedence_call_over_block_over_global():
