@@ -176,9 +176,16 @@ def set_dispatch_table(device: str | torch.device, table: dict | None) -> None:
     _tables[(device.type, _cuda_index(device) if device.type == "cuda" else device.index)] = table
 
 
-def _tuned_order(op: str, device: torch.device, dtype: torch.dtype) -> list[str] | None:
+def _tuned_order(op: str, device: torch.device, dtype: torch.dtype, shape_class: str | None = None) -> list[str] | None:
+    """The table's order for (op, dtype); for a shape class (e.g. similarity_softmax's "topk") its own entry
+    "op:class" where the table has one, else the op's."""
     table = _table(device)
-    entry = table["ops"].get(op, {}).get(_DTYPE_KEYS.get(dtype)) if table is not None else None
+    if table is None:
+        return None
+    ops, key = table["ops"], _DTYPE_KEYS.get(dtype)
+    entry = ops.get(f"{op}:{shape_class}", {}).get(key) if shape_class else None
+    if entry is None:
+        entry = ops.get(op, {}).get(key)
     return entry["order"] if entry is not None else None
 
 
@@ -187,11 +194,11 @@ _VALIDATED_AS = {"sam_attention": "cross_attention", "perceiver_resampler": "cro
 
 
 def _auto(op: str, implementations: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-          table_key: str) -> str:
+          table_key: str, shape_class: str | None = None) -> str:
     """`auto`: the dispatch table's first runnable choice (table_key: the op's bench name), else (no entry)
     on CPU the C++ kernel and on CUDA the GPU-validated order, else upstream. On CUDA only implementations
     GPU_VALIDATED lists are taken: the table says what is fast, a GPU test run what is correct."""
-    order = _tuned_order(table_key, device, dtype)
+    order = _tuned_order(table_key, device, dtype, shape_class)
     validated = GPU_VALIDATED.get(_VALIDATED_AS.get(op, op), ()) if device.type == "cuda" else implementations
     if order is None:
         if device.type == "cpu":
@@ -206,14 +213,15 @@ def _auto(op: str, implementations: tuple[str, ...], device: torch.device, dtype
 
 
 def resolve(op: str, implementations: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-            requested: str | None = None) -> str:
+            requested: str | None = None, shape_class: str | None = None) -> str:
     """The concrete backend that runs `op` (whose implementations are `implementations`); under `auto` it
-    may be UPSTREAM (the op then runs upstream's own computation)."""
+    may be UPSTREAM (the op then runs upstream's own computation). shape_class: a kind of call the dispatch
+    table may rank apart (the bench case's "dispatch" parameter), e.g. "topk"."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name == "auto":
         if dtype not in KERNEL_DTYPES:
             return "reference"
-        return _auto(op, implementations, device, dtype, op)
+        return _auto(op, implementations, device, dtype, op, shape_class)
     if name not in implementations:
         raise BackendUnavailableError(f"mmfast: op {op!r} has no {name!r} implementation (it has {implementations})")
     why = _why_unavailable(name, device)

@@ -170,3 +170,22 @@ def test_perceiver_runs_upstreams_forward_where_the_table_says_so(cpu_table, mon
     attention = copy.deepcopy(model.layers[0][0])  # the attention module alone, too
     latents = torch.randn(2, 1, 8, 64)
     assert torch.equal(attention(x, latents), reference.layers[0][0](x, latents))
+
+
+def test_a_shape_class_is_ranked_apart(cpu_table):
+    """similarity_softmax's top-k calls have their own entry (bench cases with params["dispatch"])."""
+    rows = []
+    for case, dispatch, kernel_ms in (("plain", None, 0.5), ("top-5", "topk", 1.2)):
+        for provider, ms, impl in (("eager", 1.0, None), ("mmfast-cpu", kernel_ms, "cpu")):
+            row = _row(provider, case, "forward", ms, impl, op="similarity_softmax")
+            if dispatch:
+                row["extra"] = json.dumps(json.loads(row["extra"]) | {"dispatch": dispatch})
+            rows.append(row)
+    ops = tuning.choose(rows)
+    assert ops["similarity_softmax"]["float32"]["order"] == ["cpu", "upstream"]
+    assert ops["similarity_softmax:topk"]["float32"]["order"] == ["upstream"]
+    cpu_table({"ops": {op: {d: {"order": e["order"]} for d, e in per.items()} for op, per in ops.items()}})
+    cpu, impls = torch.device("cpu"), ("cpu", "reference")
+    assert backend.resolve("similarity_softmax", impls, cpu, torch.float32) == "cpu"
+    assert backend.resolve("similarity_softmax", impls, cpu, torch.float32, shape_class="topk") == "upstream"
+    assert backend.resolve("similarity_softmax", impls, cpu, torch.float32, shape_class="other") == "cpu"

@@ -13,11 +13,14 @@ mode of that op and dtype (fastest first by geometric-mean speedup), then "upstr
 walks it and takes the first implementation that GPU_VALIDATED also lists (correctness stays decided
 there). The keys are the bench's op names: `sam_attention` and `perceiver_resampler` are the drop-in
 module cases (SAM's TwoWayTransformer, the Perceiver Resampler), so they govern the modules; the others
-are the functional ops (and the loss/zero-shot modules, which are thin wrappers of them).
+are the functional ops (and the loss/zero-shot modules, which are thin wrappers of them). A bench case
+whose params name a "dispatch" class gets its own entry "<op>:<class>" (similarity_softmax's top-k mode,
+"similarity_softmax:topk": on the H200 of 2026-12-04 the CUDA kernel was 1.2-1.6x eager without top-k in
+fp32 and 0.82x in the top-k backward), which the op looks up for such calls.
 
-One entry per (op, dtype), not per shape: with the few cases a GPU run times, a kernel takes `auto` only
-where it won every case of its dtype (the 2026-12-04 run had e.g. the CUDA core 2.6x SDPA on SAM's fp32
-shape and 0.28x on the bf16 one: per-dtype entries separate those).
+Otherwise one entry per (op, dtype), not per shape: with the few cases a GPU run times, a kernel takes
+`auto` only where it won every case of its dtype (the 2026-12-04 run had e.g. the CUDA core 2.6x SDPA on
+SAM's fp32 shape and 0.28x on the bf16 one: per-dtype entries separate those).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def load_table(path: str) -> dict:
     if not isinstance(ops, dict):
         raise ValueError(f"mmfast: dispatch table {path} has no 'ops' object")
     for op, per_dtype in ops.items():
-        for dtype, entry in per_dtype.items():
+        for dtype, entry in (per_dtype.items() if isinstance(per_dtype, dict) else [(op, None)]):
             order = entry.get("order") if isinstance(entry, dict) else None
             if dtype not in _DTYPE_NAMES or not isinstance(order, list) or not order or order[-1] != UPSTREAM:
                 raise ValueError(f"mmfast: dispatch table {path}: ops.{op}.{dtype} must be a float32/float16/"
@@ -93,6 +96,8 @@ def choose(rows: list[dict], min_speedup: float = MIN_SPEEDUP) -> dict:
     for r in rows:
         extra = json.loads(r["extra"])
         op, dtype, case, mode = r["kernel"], extra.get("dtype"), extra.get("case"), r["mode"]
+        if extra.get("dispatch"):  # a shape class the op dispatches apart (backend.resolve's shape_class)
+            op = f"{op}:{extra['dispatch']}"
         median = float(r["median"]) if r["median"] not in ("", "nan") else math.nan
         ok = str(extra.get("status", "")).startswith("ok") and math.isfinite(median)
         if r["provider"] == "eager":
