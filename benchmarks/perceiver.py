@@ -121,7 +121,8 @@ def _resampler_case(dtype: torch.dtype, targets=(), quick=True) -> Case:
                 dtype=dtype, x_name="b", x_value=batch,
                 params={"b": batch, "t": 1, "n": MEDIA, **CONFIG}, make_inputs=make_inputs,
                 reference=reference, mmfast=fast, backends=IMPLEMENTATIONS, grad_inputs=("x",) + names,
-                floors={"gemm": _gemm_floor, "gemm+attn": _gemm_attention_floor}, modes=("forward", "full"), targets=tuple(targets), quick=quick)
+                floors={"gemm": _gemm_floor, "gemm+attn": _gemm_attention_floor}, modes=("forward", "full"),
+                targets=tuple(targets), quick=quick, module=True)
 
 
 @register("perceiver_resampler")

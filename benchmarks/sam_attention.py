@@ -55,7 +55,7 @@ def _case(dtype: torch.dtype, prompts: int, targets=(), quick=True) -> Case:
     return Case(op="sam_attention", label=f"{SHORT[dtype]} B={prompts} one image {GRID}x{GRID} Nq={TOKENS}",
                 dtype=dtype, x_name="B", x_value=prompts, params={"B": prompts, "grid": GRID, "Nq": TOKENS, **CONFIG},
                 make_inputs=make_inputs, reference=reference, mmfast=fast, backends=IMPLEMENTATIONS,
-                modes=("forward",), targets=tuple(targets), quick=quick)
+                modes=("forward",), targets=tuple(targets), quick=quick, module=True)
 
 
 @register("sam_attention")

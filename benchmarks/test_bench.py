@@ -54,9 +54,11 @@ def _status(case, provider, mode) -> str:
 @pytest.mark.parametrize("case, provider, mode", _params())
 def test_bench(benchmark, case, provider, mode):
     status = _status(case, provider, mode)
+    if status.startswith("skipped"):  # a reference too big for the device; a graph in the backward mode
+        pytest.skip(status)
     if not status.startswith("ok"):
         pytest.fail(f"{provider.name} is not timed: {status}")
-    step = runner.make_step(provider.fn, _prepared(case), mode, own_outputs=provider.name.startswith("floor-"))
+    step = runner.step_for(provider, _prepared(case), mode)  # graph providers: captured once, replayed
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
 
     def setup():

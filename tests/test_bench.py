@@ -7,6 +7,7 @@ on, and exit non-zero; the CSV must have the one schema. torch.compile is left o
 its first compile costs ~30 s here.
 """
 import csv
+import dataclasses
 import importlib.util
 import json
 
@@ -259,3 +260,102 @@ def test_contrastive_substitute_oracles_match_the_reference(case, monkeypatch):
     for name, got, want in zip(("loss", "grad image", "grad text"), *results):
         assert got.dtype == torch.float64
         assert rel_err(got, want) < 1e-12, name
+
+
+# ---- --profile and the CUDA-graph providers (the parts a CPU can check) ------------------------------
+PROFILE_OP = "tiny_similarity_profile"
+
+
+@pytest.fixture
+def profile_op():
+    cases = [dataclasses.replace(_case("good", IMPLS["good"]), op=PROFILE_OP, module=True),  # --profile's default
+             dataclasses.replace(_case("raises", IMPLS["raises"]), op=PROFILE_OP)]
+    registry.register(PROFILE_OP)(lambda device, quick: cases)
+    yield PROFILE_OP
+    registry.unregister(PROFILE_OP)
+
+
+def test_profile_writes_the_summary_per_case_and_mode(profile_op, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["bench", "--op", profile_op, "--profile", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 1, "a provider that raised is an error of the run"
+    (path,) = out.glob(f"*/{profile_op}-profile.txt")
+    text = path.read_text()
+    assert text.startswith(f"# {profile_op}: torch.profiler")
+    assert f"{runner.PROFILE_CALLS} calls per provider after {runner.PROFILE_WARMUP} warm-up calls" in text
+    for label in ("good N=8 C=12", "raises N=8 C=12"):
+        section = text.split(f"## {label}\n")[1].split("\n## ")[0]
+        for mode in ("forward", "backward", "full"):
+            assert f"### {mode}\n" in section
+        assert "| provider | host ms/call | wall ms/call | ops/call |" in section
+        assert "GPU" not in section and "kernels/call" not in section, "no CUDA columns on the CPU"
+        assert "| eager | skipped: the full mode is profiled instead |" in section  # backward
+        assert "#### eager: top 15 host events by self CPU time" in section
+        assert "compile" not in section and "floor-gemm" not in section  # eager and mmfast only
+    good = text.split("## good N=8 C=12\n")[1].split("\n## ")[0]
+    assert "#### mmfast (reference): top 15 host events by self CPU time" in good
+    forward = good.split("### forward\n")[1].split("### backward")[0]
+    eager_row = next(ln for ln in forward.splitlines() if ln.startswith("| eager |")).split("|")
+    assert float(eager_row[2]) > 0 and float(eager_row[4]) >= 3  # host ms; ops: normalize x2, mm, softmax...
+    assert "| aten::" in forward
+    raises = text.split("## raises N=8 C=12\n")[1]
+    assert "| mmfast (reference) | ERROR: RuntimeError: kernel not built |" in raises
+    assert "profile tiny_similarity_profile good N=8 C=12 forward  eager" in printed
+    assert not list(out.glob("*/*.csv")), "--profile neither checks nor times"
+
+
+def test_profile_counts_ops_per_call_exactly():
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    step = runner.Step(lambda _: torch.softmax(a @ b, dim=-1))  # matmul (mm inside) and softmax: 2 top-level
+    found = runner.profile_step(step, torch.device("cpu"), calls=3)
+    assert found["calls"] == 3 and found["ops"] == 2
+    assert found["host_ms"] > 0 and found["wall_ms"] >= found["host_ms"] * 0.5
+    names = {name: count for name, count, _ in found["top_host"]}
+    assert names["aten::mm"] == 1 and names["aten::softmax"] == 1 and runner.PROFILE_MARK not in names
+    assert "gpu_ms" not in found and "top_kernels" not in found
+
+
+def test_profile_defaults_to_the_module_cases(profile_op):
+    opts = runner.Options(ops=[], device=torch.device("cpu"), quick=False, out="", results_md=None, backends=None,
+                          providers=None, bench_dir=None, profile=True)
+    assert [c.label for c in runner.plan_cases(opts, [profile_op])[profile_op]] == ["good N=8 C=12"]
+    opts.ops = [profile_op]  # named: every case of the op
+    assert len(runner.plan_cases(opts, [profile_op])[profile_op]) == 2
+    opts.ops, opts.profile = [], False  # the bench itself runs every case
+    assert len(runner.plan_cases(opts, [profile_op])[profile_op]) == 2
+
+
+def test_graph_providers_only_for_module_cases_on_cuda():
+    module, plain = _case("good", IMPLS["good"]), _case("good", IMPLS["good"])
+    module.module = True
+    names = lambda case, device, only=None: [p.name for p in runner.providers_for(case, torch.device(device), only=only)]
+    assert not any(n.endswith("-graph") for n in names(module, "cpu") + names(plain, "cuda"))
+    # providers_for makes no CUDA call: the CUDA provider list can be checked without a GPU
+    graph = [p for p in runner.providers_for(module, torch.device("cuda")) if p.graph]
+    assert [(p.name, p.checked) for p in graph] == [("eager-graph", True), ("mmfast-graph", True)]
+    assert graph[0].fn is module.reference and graph[1].backend is not None
+    # --providers mmfast-graph brings its baseline eager-graph (and eager, as always)
+    assert names(module, "cuda", ["mmfast-graph"]) == ["eager", "eager-graph", "mmfast-graph"]
+
+
+def test_graph_rows_are_compared_with_upstream_captured():
+    """A target against eager is read against eager-graph for mmfast-graph, and the table has that column."""
+    def row(provider, median):
+        info = {"case": "c", "status": "ok", "backend": "cuda"}
+        return dict(kernel="k", provider=provider, mode="forward", metric="time_ms", x_name="B", x_value=1.0,
+                    extra=json.dumps(info), median=median, p20=median, p80=median)
+    rows = [row("eager", 10.0), row("mmfast", 8.0), row("eager-graph", 4.0), row("mmfast-graph", 5.0)]
+    report.evaluate_targets(rows, [Target("faster than upstream", "eager", 1.0)])
+    verdicts = {r["provider"]: report.extra(r).get("targets") for r in rows}
+    assert verdicts["mmfast"] == {"faster than upstream": "PASS 1.25x"}
+    assert verdicts["mmfast-graph"] == {"faster than upstream": "MISS 0.80x"}  # 4 / 5, not 10 / 5
+    table = report.results_table(rows)
+    assert "| vs eager | vs eager-graph |" in table and "| mmfast-graph (cuda) | 5 |" in table
+    assert report.missed_targets(rows) == ["k c forward mmfast-graph: faster than upstream: MISS 0.80x"]
+
+
+def test_a_graph_provider_checks_forward_and_full_only():
+    assert runner.GRAPH_NO_BACKWARD.startswith("skipped:")  # not a failure of the run (report.broken)
+    with pytest.raises(ValueError, match="forward and full modes"):
+        runner.captured_step(lambda **kw: None, None, "backward")

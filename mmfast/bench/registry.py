@@ -71,6 +71,10 @@ class Case:
     # float64 GPU GEMM takes a second where the CPU would take minutes). For fp16/bf16 cases the reference
     # in that dtype must still fit (it gives the 2x bound).
     substitute_on_device: bool = False
+    # A drop-in module case (upstream's module against mmfast.nn's). Such cases are launch-bound on a GPU,
+    # so on CUDA they are also timed as CUDA-graph replays (providers eager-graph and mmfast-graph: launch
+    # overhead apart from kernel time), and `--profile` profiles them when no --op/--cases picks cases.
+    module: bool = False
 
     def __post_init__(self):
         if self.substitute_oracle is not None and not (self.reference_bytes and self.substitute_label):

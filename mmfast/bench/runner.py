@@ -27,6 +27,19 @@ os.cpu_count()); the providers of a mode take turns call by call, so that other 
 machine slow them alike. CUDA: torch.cuda.Event pairs around each call, a 256 MB buffer zeroed
 before each to flush L2 (as triton.testing.do_bench does). Median, p20 and p80 of the samples.
 
+CUDA graphs (module cases on CUDA: Case.module). The providers eager-graph and mmfast-graph capture the
+reference's and mmfast's (auto) forward, and forward + backward (full), in a torch.cuda.CUDAGraph after a
+warm-up on a side stream, and are timed as replays: launch and host overhead apart from kernel time. The
+check captures on other input values, copies the case's in and compares the replay with the oracle. A
+capture that fails (a host sync inside, say) is that provider's "ERROR: ... not capturable ..." status.
+Their peak memory is what the capture allocated (a replay allocates nothing); no backward mode (its
+forward is built per call, untimed: no single graph).
+
+--profile. Instead of checks and timings: torch.profiler over a few calls of each provider (eager and
+mmfast unless --providers says otherwise) per case and mode, summarized in <out>/<device-name>/<op>-profile.txt
+(report.profile_text): host vs GPU time, kernels, host syncs and top-level ops per call, the top CUDA
+kernels and host events. Default cases: the module cases; --op or --cases pick any.
+
 Peak memory. CUDA: torch.cuda.max_memory_allocated() minus the allocated bytes before the call.
 CPU: torch's CPU allocator keeps no statistics, so this measures the growth of the process's
 resident set: glibc's free memory is handed back (malloc_trim), the kernel's high-water mark is
@@ -42,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import gc
 import json
@@ -88,10 +102,14 @@ def _compare(outs, outs64, outs_lowp, what: str) -> tuple[str | None, float]:
 # ---- providers -------------------------------------------------------------------------------
 @dataclass
 class Provider:
-    name: str  # "eager", "compile", "floor-<name>", "mmfast", "mmfast-<backend>"
+    name: str  # "eager", "compile", "floor-<name>", "mmfast", "mmfast-<backend>", "eager-graph", "mmfast-graph"
     fn: Callable[..., Any]
     checked: bool  # compared with the float64 reference before timing
     backend: str | None = None  # the concrete mmfast backend (for "mmfast": what auto resolved to)
+    graph: bool = False  # fn's step captured once in a CUDA graph, then timed as replays (captured_step)
+
+
+GRAPH_PROVIDERS = ("eager-graph", "mmfast-graph")
 
 
 def kernel_backends(case: Case, device: torch.device) -> list[str]:
@@ -110,9 +128,12 @@ def providers_for(case: Case, device: torch.device, backends: list[str] | None =
                   only: list[str] | None = None) -> list[Provider]:
     """Eager reference, torch.compile(reference), the floors, mmfast (auto) and mmfast-<backend>
     for each backend (default: kernel_backends); an explicit backend that auto resolves to is
-    timed once, as "mmfast". `only`: these providers and eager (the baseline of every ratio)."""
+    timed once, as "mmfast". On CUDA, a module case also gets eager-graph and mmfast-graph: the
+    reference and mmfast (auto) captured in CUDA graphs. `only`: these providers and eager (the
+    baseline of every ratio), and eager-graph with mmfast-graph (its baseline)."""
     def wanted(name):
-        return not only or name in only or name == "eager"
+        return (not only or name in only or name == "eager"
+                or (name == "eager-graph" and "mmfast-graph" in only))
 
     auto = _backend.resolve(case.op, case.backends, device, case.dtype, "auto")
     found = [Provider("eager", case.reference, checked=False)]
@@ -123,6 +144,10 @@ def providers_for(case: Case, device: torch.device, backends: list[str] | None =
     for name in (kernel_backends(case, device) if backends is None else backends):
         if name != auto:
             found.append(Provider(f"mmfast-{name}", _bind_backend(case.mmfast, name), checked=True, backend=name))
+    if case.module and device.type == "cuda":  # checked too: a replay must give the oracle's values
+        found.append(Provider("eager-graph", case.reference, checked=True, graph=True))
+        found.append(Provider("mmfast-graph", _bind_backend(case.mmfast, "auto"), checked=True, backend=auto,
+                              graph=True))
     return [p for p in found if wanted(p.name)]
 
 
@@ -197,7 +222,7 @@ def reference_too_big(case: Case, dtype: torch.dtype, limit: float) -> str | Non
 
 
 def _runs_reference(provider: Provider) -> bool:
-    return provider.name in ("eager", "compile") or provider.backend == "reference"
+    return provider.name in ("eager", "compile", "eager-graph") or provider.backend == "reference"
 
 
 def _float64_on(inputs: dict, device: torch.device) -> dict:
@@ -251,6 +276,17 @@ def _prepare_substitute(case: Case, device: torch.device, why: str, limit: float
     return prep
 
 
+def prepare_inputs(case: Case, device: torch.device) -> Prepared:
+    """The inputs and, where a backward is timed, the fixed grad_outputs (one reference forward gives
+    their shapes); no oracle. What --profile needs, and the start of prepare."""
+    prep = Prepared(case, case.make_inputs(device))
+    if prep.has_backward:
+        with torch.enable_grad():
+            outs = _as_list(case.reference(**_grad_copy(prep.inputs, case.grad_inputs)))
+        prep.diff_positions, prep.grad_outputs = _random_grad_outputs(outs)
+    return prep
+
+
 def prepare(case: Case, device: torch.device, limit: float | None = None) -> Prepared:
     """Inputs and the oracle: the reference in float64, or case.substitute_oracle where that would take
     more than `limit` bytes (default: default_reference_limit)."""
@@ -258,17 +294,13 @@ def prepare(case: Case, device: torch.device, limit: float | None = None) -> Pre
     too_big = reference_too_big(case, torch.float64, limit)
     if too_big is not None:
         return _prepare_substitute(case, device, too_big, limit)
-    inputs = case.make_inputs(device)
-    prep = Prepared(case, inputs)
+    prep = prepare_inputs(case, device)
+    inputs = prep.inputs
     with torch.no_grad():
         prep.out_lowp = [o.detach() for o in _as_list(case.reference(**inputs))]
         prep.out64 = [o.detach() for o in _as_list(case.reference(**_grad_copy(inputs, (), torch.float64)))]
     if prep.has_backward:
         grad_in = _grad_copy(inputs, case.grad_inputs)
-        with torch.enable_grad():
-            outs = _as_list(case.reference(**grad_in))
-        prep.diff_positions, prep.grad_outputs = _random_grad_outputs(outs)
-        del outs
         _, prep.grads_lowp = _forward_backward(case.reference, grad_in, case.grad_inputs,
                                                prep.diff_positions, prep.grad_outputs)
         _, prep.grads64 = _forward_backward(case.reference, _grad_copy(inputs, case.grad_inputs, torch.float64),
@@ -286,6 +318,8 @@ def check(provider: Provider, prep: Prepared) -> dict[str, str]:
     """Per mode: "ok", "FAIL: <why>" (wrong result) or "ERROR: <exception>"; rel errs appended."""
     case = prep.case
     vs = "" if prep.oracle is None else f" vs {case.substitute_label}"
+    if provider.graph:
+        return {m: _check_captured(provider, prep, m, vs) for m in case.modes}
     try:
         with torch.no_grad():
             outs = provider.fn(**prep.inputs)
@@ -313,9 +347,12 @@ def check(provider: Provider, prep: Prepared) -> dict[str, str]:
 class Step:
     """What one measurement calls: setup() untimed, then run(state) timed. Only the backward mode
     has a setup (the forward pass whose graph run() differentiates: a fresh graph per call, so no
-    retain_graph, which torch.compile's donated buffers refuse)."""
+    retain_graph, which torch.compile's donated buffers refuse). A captured step (captured_step) also
+    has the static inputs its graph reads and the peak memory of its capture."""
     run: Callable[[Any], Any]
     setup: Callable[[], Any] = lambda: None
+    inputs: dict | None = None
+    peak_mb: float | None = None
 
 
 def _grad_outputs_of(fn, grad_in: dict, prep: Prepared, own: bool):
@@ -354,6 +391,98 @@ def make_step(fn, prep: Prepared, mode: str, own_outputs: bool = False) -> Step:
     if mode == "full":
         return Step(lambda _: grad(forward_with_graph()))
     raise ValueError(f"mmfast bench: unknown mode {mode!r}")
+
+
+# ---- CUDA graphs: the graph providers, and tests/test_cuda_graphs.py ---------------------------------
+GRAPH_WARMUP = 3  # calls on a side stream before capture (torch's recipe; DDP needs 11, nothing here does)
+GRAPH_NO_BACKWARD = "skipped: a CUDA graph is timed in the forward and full modes (the backward mode's forward is built per call)"
+
+
+class NotCapturable(RuntimeError):
+    pass
+
+
+def capture_graph(call: Callable[[], Any], device: torch.device, warmup: int = GRAPH_WARMUP):
+    """torch's recipe (torch.cuda.graphs docs): `call` warmed up on a side stream (lazy initialization,
+    cuBLAS workspaces and Triton autotuning happen there, not in the graph), then one call captured with
+    host syncs made errors (torch.cuda.set_sync_debug_mode("error")): a sync inside would read values of
+    the capture, not of later replays, and is not permitted while capturing. Returns (graph, what the
+    captured call returned: static tensors that every replay rewrites, MB the capture allocated: a
+    replay allocates nothing). A capture that fails raises NotCapturable."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    graph = torch.cuda.CUDAGraph()
+    old_mode, inner = torch.cuda.get_sync_debug_mode(), None
+    try:
+        with torch.cuda.graph(graph):
+            torch.cuda.set_sync_debug_mode("error")  # inside: graph.__enter__ itself synchronizes
+            try:
+                outputs = call()
+            except Exception as e:
+                inner = e  # the cause; ending the broken capture may raise an error of its own
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode(old_mode)
+    except Exception as e:
+        raise NotCapturable(f"not capturable in a CUDA graph: {_short(inner or e)}") from e
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return graph, outputs, peak
+
+
+def captured_step(fn, prep: Prepared, mode: str, capture_inputs: dict | None = None) -> Step:
+    """make_step's forward or full step on static copies of the inputs, captured in a CUDA graph; run()
+    replays it and returns its static outputs (forward: fn's outputs; full: the gradients). The graph
+    reads the copies in step.inputs, holding capture_inputs' values (default: the case's) until a
+    caller copies others in. The backward mode has no single graph (its forward is set up per call)."""
+    if mode == "backward":
+        raise ValueError(f"mmfast bench: {GRAPH_NO_BACKWARD}")
+    source = prep.inputs if capture_inputs is None else capture_inputs
+    static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+    device = next(v.device for v in static.values() if isinstance(v, torch.Tensor))
+    eager = make_step(fn, dataclasses.replace(prep, inputs=static), mode)  # full: leaves share static's storage
+    graph, outputs, peak = capture_graph(lambda: eager.run(None), device)
+
+    def replay(_):
+        graph.replay()
+        return outputs
+    return Step(replay, inputs=static, peak_mb=peak)
+
+
+def _check_captured(provider: Provider, prep: Prepared, mode: str, vs: str) -> str:
+    """A graph provider's status in one mode: captured on other input values (halved), then the case's
+    inputs copied in and replayed, against the oracle; a value baked in at capture would show here."""
+    if mode == "backward":
+        return GRAPH_NO_BACKWARD
+    try:
+        other = {k: v * 0.5 if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in prep.inputs.items()}
+        step = captured_step(provider.fn, prep, mode, capture_inputs=other)
+        with torch.no_grad():
+            for key, value in step.inputs.items():
+                if isinstance(value, torch.Tensor):
+                    value.copy_(prep.inputs[key])
+        outs = step.run(None)
+        if mode == "forward":
+            problem, err = _compare(outs, prep.out64, prep.out_lowp, "output")
+            return f"FAIL: {problem}{vs}" if problem else f"ok (rel err {err:.1e}{vs})"
+        problem, err = _compare(outs, prep.grads64, prep.grads_lowp, "grad")
+        return f"FAIL: {problem}{vs}" if problem else f"ok (grad rel err {err:.1e}{vs})"
+    except Exception as e:  # NotCapturable included: that provider's status, the run goes on
+        return f"ERROR: {_short(e)}"
+
+
+def step_for(provider: Provider, prep: Prepared, mode: str) -> Step:
+    """The step that times `provider` in `mode`."""
+    if provider.graph:
+        return captured_step(provider.fn, prep, mode)
+    return make_step(provider.fn, prep, mode, own_outputs=provider.name.startswith("floor-"))
 
 
 # ---- timing and memory ---------------------------------------------------------------------------
@@ -458,6 +587,10 @@ def _proc_status_bytes(key: str) -> int:
 def peak_memory_mb(step: Step, device: torch.device, calls: int) -> float:
     """Peak extra memory of step.run (see the module docstring for how, and its precision)."""
     global _libc
+    if step.peak_mb is not None:  # a captured graph: it allocated at capture, a replay allocates nothing
+        for _ in range(calls):
+            _once(step)  # still the warm-up
+        return step.peak_mb
     if device.type == "cpu" and not os.access("/proc/self/clear_refs", os.W_OK):
         for _ in range(calls):
             _once(step)  # still the warm-up
@@ -540,6 +673,7 @@ class Options:
     bench_dir: str | None
     cases: str | None = None  # regex: only the cases whose label it matches (re.search)
     reference_max_bytes: float | None = None  # None: default_reference_limit(device)
+    profile: bool = False  # torch.profiler summaries instead of checks and timings (run_profile)
 
 
 def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[dict]:
@@ -603,7 +737,7 @@ def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[
                 not_timed(provider, mode, statuses[provider.name][mode])
                 continue
             try:
-                step = make_step(provider.fn, prep, mode, own_outputs=provider.name.startswith("floor-"))
+                step = step_for(provider, prep, mode)
                 ready.append((provider, step, peak_memory_mb(step, device, budget.memory_calls)))  # warms up too
             except Exception as e:  # e.g. out of memory in one mode: reported, the rest goes on
                 not_timed(provider, mode, f"ERROR: {_short(e)}")
@@ -626,9 +760,138 @@ def run_case(case: Case, opts: Options, progress: Progress, meta: dict) -> list[
     return rows
 
 
+# ---- --profile: where the time of a call goes (torch.profiler) --------------------------------------
+PROFILE_WARMUP, PROFILE_CALLS = 3, 5  # a few calls: the counts per call are exact, the times indicative
+PROFILE_MARK = "mmfast_bench::call"  # record_function around each profiled call
+_RUNTIME_API = re.compile(r"^cu(da)?[A-Z]")  # cudaLaunchKernel, cuLaunchKernel, cudaStreamSynchronize, ...
+_HOST_SYNC = re.compile(r"Synchronize|^cudaMemcpy$")  # calls that wait for the GPU (cudaMemcpy: blocking)
+
+
+def profile_providers(case: Case, opts: Options) -> list[Provider]:
+    """eager and mmfast (auto) unless --providers names others; never torch.compile (its compile would
+    dwarf a profile of a few calls)."""
+    found = providers_for(case, opts.device, opts.backends, opts.providers or ["mmfast"])
+    return [p for p in found if p.name != "compile"]
+
+
+def profile_step(step: Step, device: torch.device, calls: int = PROFILE_CALLS) -> dict:
+    """`calls` runs of a forward or full step under torch.profiler (after PROFILE_WARMUP untimed ones).
+    Per call: host_ms (the call's span on the CPU: Python, dispatch, launches, any wait for the GPU),
+    wall_ms (the calls and a final synchronize, over calls), ops (top-level ops: those directly inside
+    the call, and autograd nodes on the backward's thread), top_host (name, count, self us: the host
+    events inside the calls by self time). On CUDA also gpu_ms (kernels, copies and memsets), kernels,
+    syncs (runtime calls that wait for the GPU inside the call) and top_kernels (name, count, us)."""
+    from torch.autograd import DeviceType
+
+    cuda = device.type == "cuda"
+    for _ in range(PROFILE_WARMUP):
+        _once(step)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            with torch.profiler.record_function(PROFILE_MARK):
+                step.run(None)
+        sync()
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    marks = [e for e in events if e.name == PROFILE_MARK and e.device_type == DeviceType.CPU]
+    if len(marks) != calls:
+        raise RuntimeError(f"the profile has {len(marks)} '{PROFILE_MARK}' ranges for {calls} calls")
+    spans = [(m.time_range.start, m.time_range.end) for m in marks]
+
+    def inside(e) -> bool:
+        return any(a <= e.time_range.start <= b for a, b in spans)
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.name != PROFILE_MARK and inside(e)]
+    ops = [e for e in host if not _RUNTIME_API.match(e.name)
+           and (e.cpu_parent is None or e.cpu_parent.name == PROFILE_MARK)]
+    found = dict(calls=calls, host_ms=sum(m.time_range.elapsed_us() for m in marks) / calls / 1e3,
+                 wall_ms=wall * 1e3 / calls, ops=len(ops) / calls,
+                 top_host=_top(host, lambda e: e.self_cpu_time_total, calls))
+    if cuda:  # the device side of the annotation (gpu_user_annotation) is a span, not work
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA and e.name != PROFILE_MARK]
+        found.update(gpu_ms=sum(e.time_range.elapsed_us() for e in gpu) / calls / 1e3,
+                     kernels=sum(not e.name.startswith(("Memcpy", "Memset")) for e in gpu) / calls,
+                     syncs=sum(bool(_HOST_SYNC.search(e.name)) for e in host if _RUNTIME_API.match(e.name)) / calls,
+                     top_kernels=_top(gpu, lambda e: e.time_range.elapsed_us(), calls))
+    return found
+
+
+def _top(events, us, calls: int, n: int = report.PROFILE_TOP) -> list[tuple[str, float, float]]:
+    """(name, count per call, us(e) summed per call) of the n names with the most us."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        entry = totals.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us(e)
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]
+    return [(name, count / calls, total / calls) for name, (count, total) in ranked]
+
+
+def profile_case(case: Case, opts: Options) -> list[dict]:
+    """profile_step of each profiled provider in the forward and full modes (the backward mode's
+    forward is set up per call: profile full); an error is that entry's, the rest goes on."""
+    def entry(provider, mode, **found):
+        return dict(case=case.label, mode=mode, provider=provider.name, backend=provider.backend, **found)
+
+    providers = profile_providers(case, opts)
+    try:
+        prep = prepare_inputs(case, opts.device)
+    except Exception as e:
+        return [entry(p, m, error=f"ERROR: inputs: {_short(e)}") for m in case.modes for p in providers]
+    found = []
+    for mode in case.modes:
+        for provider in providers:
+            if mode == "backward":
+                found.append(entry(provider, mode, error="skipped: the full mode is profiled instead"))
+                continue
+            try:
+                found.append(entry(provider, mode, **profile_step(step_for(provider, prep, mode), opts.device)))
+            except Exception as e:  # out of memory, not capturable, a profiler failure: this entry only
+                found.append(entry(provider, mode, error=f"ERROR: {_short(e)}"))
+            print(f"  profile {case.op} {case.label} {report.profile_line(found[-1])}", flush=True)
+            if opts.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return found
+
+
+def run_profile(opts: Options, plan: dict[str, list[Case]], dev_name: str, meta: dict) -> int:
+    """--profile: each op's cases profiled, written to <out>/<device>/<op>-profile.txt."""
+    out_dir = os.path.join(opts.out, dev_name)
+    os.makedirs(out_dir, exist_ok=True)
+    header = (f"{opts.device.type} ({dev_name}), torch {meta['torch_version']}, mmfast {meta['mmfast_version']}, "
+              f"{meta['timestamp']}: {PROFILE_CALLS} calls per provider after {PROFILE_WARMUP} warm-up calls")
+    errors = 0
+    for op, cases in plan.items():
+        entries = []
+        for case in cases:
+            entries += profile_case(case, opts)
+        path = os.path.join(out_dir, f"{op}-profile.txt")
+        with open(path, "w") as f:
+            f.write(report.profile_text(op, header, entries))
+        print(f"{op}: profile in {path}", flush=True)
+        errors += sum(str(e.get("error", "")).startswith("ERROR") for e in entries)
+    return 1 if errors else 0
+
+
+def _module_cases_only(opts: Options) -> bool:
+    return opts.profile and not opts.ops and opts.cases is None
+
+
+def plan_cases(opts: Options, ops: list[str]) -> dict[str, list[Case]]:
+    """op -> its cases to run. --cases picks cases by label among all of them (quick or not); --quick then
+    only sets the budget. --profile without --op or --cases: the module cases (Case.module)."""
+    plan = {op: [c for c in registry.cases(op, opts.device.type, opts.quick and opts.cases is None)
+                 if (opts.cases is None or re.search(opts.cases, c.label)) and (c.module or not _module_cases_only(opts))]
+            for op in ops}
+    return {op: cases for op, cases in plan.items() if cases}
+
+
 def run(opts: Options) -> int:
     started = time.perf_counter()
-    setup_torch(compiling=not opts.providers or "compile" in opts.providers)
+    setup_torch(compiling=not opts.profile and (not opts.providers or "compile" in opts.providers))
     known = registry.load(opts.bench_dir)
     ops = opts.ops or sorted(known)
     unknown = [op for op in ops if op not in known]
@@ -638,13 +901,16 @@ def run(opts: Options) -> int:
     dev_name = device_name(opts.device)
     meta = dict(device=dev_name, torch_version=torch.__version__, mmfast_version=mmfast.__version__,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    # --cases picks cases by label among all of them (quick or not); --quick then only sets the budget.
-    plan = {op: [c for c in registry.cases(op, opts.device.type, opts.quick and opts.cases is None)
-                 if opts.cases is None or re.search(opts.cases, c.label)] for op in ops}
-    plan = {op: cases for op, cases in plan.items() if cases}
+    plan = plan_cases(opts, ops)
     if not plan:
-        print(f"mmfast bench: no case of {ops} matches --cases {opts.cases!r}", file=sys.stderr)
+        why = "is a module case (--profile's default; name cases with --op or --cases)" \
+            if _module_cases_only(opts) else f"matches --cases {opts.cases!r}"
+        print(f"mmfast bench: no case of {ops} {why}", file=sys.stderr)
         return 2
+    if opts.profile:
+        rc = run_profile(opts, plan, dev_name, meta)
+        print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+        return rc
     total = sum(len(providers_for(c, opts.device, opts.backends, opts.providers)) * len(c.modes)
                 for cs in plan.values() for c in cs)
     print(f"mmfast bench on {dev_name} ({opts.device.type}, {torch.get_num_threads()} threads), torch "
@@ -706,6 +972,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the cases whose label matches REGEX (re.search), e.g. 'sweep', quick or "
                              "not (--quick then sets only the sample budget); the CSV keeps the rows of the op's "
                              "other cases")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of checking and timing: torch.profiler over a few calls of eager and "
+                             "mmfast (--providers for others) per case and mode, written to "
+                             "OUT/<device-name>/<op>-profile.txt (top CUDA kernels, host vs GPU time, kernels, "
+                             "syncs and ops per call); default cases: the drop-in module cases")
     parser.add_argument("--reference-max-gb", type=float, default=None, metavar="GB",
                         help="memory the reference may need (its case's estimate); above it eager, compile and "
                              "the float64 oracle are skipped, and a case's substitute oracle checks mmfast "
@@ -737,6 +1008,6 @@ def main(args: argparse.Namespace) -> int:
     opts = Options(ops=args.ops or [], device=device, quick=args.quick, out=out,
                    results_md=None if results_md.lower() == "none" else results_md,
                    backends=backends, providers=split(args.providers), bench_dir=args.bench_dir,
-                   cases=args.cases,
+                   cases=args.cases, profile=args.profile,
                    reference_max_bytes=None if args.reference_max_gb is None else args.reference_max_gb * 1e9)
     return run(opts)
