@@ -103,6 +103,52 @@ def test_forward_and_gradients(backend, device, dtype, shape):
     check_against_reference(backend, device, dtype, make_inputs(*shape, seed=sum(shape)))
 
 
+class _OnAnotherDevice(torch.Tensor):
+    """A CPU tensor standing in for one on a GPU: an op mixing it with a plain tensor that is not 0-dim
+    raises as CUDA does, and .to(a device) or .cpu() gives a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        moves = func is torch.Tensor.cpu or (func is torch.Tensor.to and any(
+            isinstance(a, (torch.device, str)) for a in (*args[1:], kwargs.get("device"))))
+        if moves:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])]
+        if (any(isinstance(t, cls) for t in flat)
+                and any(type(t) is torch.Tensor and t.dim() > 0 for t in flat)):
+            raise RuntimeError(f"{func.__name__}: Expected all tensors to be on the same device")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_results_and_low_precision_references_from_another_device_are_compared_on_the_cpu():
+    """On 2026-12-04 every fp16/bf16 check of check_against_reference failed on an H200 before comparing
+    anything: the bf16 reference made on the GPU met the float64 one on the CPU ("Expected all tensors to be on
+    the same device"). Here the output and the bf16 reference live on a stand-in other device; the helpers bring
+    them to the float64 reference, pass a result as good as the bf16 reference, fail a 10% error, and keep the
+    zero-gradient rule of one key (dq = dk = 0)."""
+    tensors = make_inputs(2, 2, 5, 1, 0, 32, seed=30)
+    grad = torch.randn(2, 2, 5, 32, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    out64, grads64 = run(reference, tensors, torch.float64, "cpu", grad)
+    out_lp, grads_lp = run(reference, tensors, torch.bfloat16, "cpu", grad)
+
+    def elsewhere(t):
+        return t.as_subclass(_OnAnotherDevice)
+
+    with pytest.raises(RuntimeError, match="same device"):
+        elsewhere(out_lp).double() - out64  # what the comparison did on the GPU
+    assert_close_to_reference(elsewhere(out_lp), out64, elsewhere(out_lp), name="out")
+    with pytest.raises(AssertionError, match="out: rel err"):
+        assert_close_to_reference(elsewhere(out_lp * 1.1), out64, elsewhere(out_lp), name="out")
+    assert grads64[0].norm() == 0 and grads64[2].norm() > 0  # both branches of assert_attention_grad_close
+    for name, g_lp, g64 in zip("qkv", grads_lp, grads64):
+        assert_attention_grad_close(elsewhere(g_lp), g64, elsewhere(g_lp), grads64[2], name=f"grad {name}")
+    with pytest.raises(AssertionError, match="grad q: not ~0"):
+        assert_attention_grad_close(elsewhere(grads_lp[2]), grads64[0], elsewhere(grads_lp[0]), grads64[2],
+                                    name="grad q")
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_lse_and_explicit_scale(backend, device):
     """The operator's second output is the rows' log-sum-exp of scale * q @ cat(k, k2)^T, in fp32."""
