@@ -355,7 +355,46 @@ def test_graph_rows_are_compared_with_upstream_captured():
     assert report.missed_targets(rows) == ["k c forward mmfast-graph: faster than upstream: MISS 0.80x"]
 
 
-def test_a_graph_provider_checks_forward_and_full_only():
-    assert runner.GRAPH_NO_BACKWARD.startswith("skipped:")  # not a failure of the run (report.broken)
+def _stand_in_capture(replay_recomputes: bool, fails: str | None = None):
+    """runner.capture_graph without a GPU: the "graph" reruns the call into the captured outputs on replay,
+    or (replay_recomputes=False) keeps the capture's values, as a graph that baked them in would."""
+    def capture(call, device, warmup=runner.GRAPH_WARMUP):
+        if fails:
+            raise runner.NotCapturable(f"not capturable in a CUDA graph: {fails}")
+        outputs = call()
+
+        class Graph:
+            def replay(self):
+                if replay_recomputes:
+                    new = call()
+                    with torch.no_grad():
+                        for old, value in zip(runner._as_list(outputs), runner._as_list(new)):
+                            old.copy_(value)
+        return Graph(), outputs, 1.5
+    return capture
+
+
+def test_a_graph_provider_is_checked_by_a_replay_on_other_values(monkeypatch):
+    """The bench's graph plumbing with a stand-in for the CUDA graph: the check captures on halved inputs,
+    copies the case's in and replays, so a replay that keeps the capture's values FAILs; the backward mode is
+    skipped; a capture failure is the provider's ERROR; a captured step's peak is the capture's."""
+    case = _case("good", IMPLS["good"])
+    prep = runner.prepare(case, torch.device("cpu"))
+    provider = runner.Provider("mmfast-graph", lambda **kw: case.mmfast(**kw, backend="auto"), checked=True, graph=True)
+    monkeypatch.setattr(runner, "capture_graph", _stand_in_capture(True))
+    status = runner.check(provider, prep)
+    assert status["forward"].startswith("ok (rel err") and status["full"].startswith("ok (grad rel err")
+    assert status["backward"] == runner.GRAPH_NO_BACKWARD and runner.GRAPH_NO_BACKWARD.startswith("skipped:")
+    step = runner.step_for(provider, prep, "full")
+    assert runner.peak_memory_mb(step, torch.device("cpu"), 2) == 1.5
     with pytest.raises(ValueError, match="forward and full modes"):
-        runner.captured_step(lambda **kw: None, None, "backward")
+        runner.step_for(provider, prep, "backward")
+
+    monkeypatch.setattr(runner, "capture_graph", _stand_in_capture(False))
+    status = runner.check(provider, prep)
+    assert status["forward"].startswith("FAIL: output[0]: rel err") and status["full"].startswith("FAIL: grad[0]: rel err")
+
+    monkeypatch.setattr(runner, "capture_graph", _stand_in_capture(True, fails="RuntimeError: a sync"))
+    status = runner.check(provider, prep)
+    assert status["forward"] == status["full"] == \
+        "ERROR: NotCapturable: not capturable in a CUDA graph: RuntimeError: a sync"

@@ -404,7 +404,8 @@ class NotCapturable(RuntimeError):
 
 def capture_graph(call: Callable[[], Any], device: torch.device, warmup: int = GRAPH_WARMUP):
     """torch's recipe (torch.cuda.graphs docs): `call` warmed up on a side stream (lazy initialization,
-    cuBLAS workspaces and Triton autotuning happen there, not in the graph), then one call captured with
+    cuBLAS workspaces and Triton autotuning happen there, not in the graph), then one call captured on that
+    same stream (as make_graphed_callables does: handles cached per stream exist before capture), with
     host syncs made errors (torch.cuda.set_sync_debug_mode("error")): a sync inside would read values of
     the capture, not of later replays, and is not permitted while capturing. Returns (graph, what the
     captured call returned: static tensors that every replay rewrites, MB the capture allocated: a
@@ -421,7 +422,7 @@ def capture_graph(call: Callable[[], Any], device: torch.device, warmup: int = G
     graph = torch.cuda.CUDAGraph()
     old_mode, inner = torch.cuda.get_sync_debug_mode(), None
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             torch.cuda.set_sync_debug_mode("error")  # inside: graph.__enter__ itself synchronizes
             try:
                 outputs = call()
@@ -455,15 +456,22 @@ def captured_step(fn, prep: Prepared, mode: str, capture_inputs: dict | None = N
     return Step(replay, inputs=static, peak_mb=peak)
 
 
+def _other_values(x):
+    """Floating x with neighbours mixed in, 0.75 x + 0.5 x.roll(1) (over the flat order): of x's size, but
+    unlike a scaling or a shift not undone by the normalizations that modules apply (LayerNorm, cosine);
+    a scalar becomes 1.25 x."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return x
+    return 0.75 * x + 0.5 * x.flatten().roll(1).view_as(x)
+
+
 def _check_captured(provider: Provider, prep: Prepared, mode: str, vs: str) -> str:
-    """A graph provider's status in one mode: captured on other input values (halved), then the case's
-    inputs copied in and replayed, against the oracle; a value baked in at capture would show here."""
+    """A graph provider's status in one mode: captured on other input values, then the case's inputs
+    copied in and replayed, against the oracle; a value baked in at capture would show here."""
     if mode == "backward":
         return GRAPH_NO_BACKWARD
     try:
-        other = {k: v * 0.5 if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                 for k, v in prep.inputs.items()}
-        step = captured_step(provider.fn, prep, mode, capture_inputs=other)
+        step = captured_step(provider.fn, prep, mode, capture_inputs={k: _other_values(v) for k, v in prep.inputs.items()})
         with torch.no_grad():
             for key, value in step.inputs.items():
                 if isinstance(value, torch.Tensor):
