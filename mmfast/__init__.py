@@ -21,5 +21,26 @@ from mmfast.ops.cross_attention import cross_attention  # noqa: E402
 from mmfast.ops.sam_attention import sam_attention  # noqa: E402
 from mmfast.ops.similarity_softmax import similarity_softmax  # noqa: E402
 
+# Loaded on first use, as torch.nn is after `import torch`: `import mmfast` then `mmfast.nn.ClipLoss` or
+# `mmfast.patch(model)` works without importing the submodules by hand.
+_LAZY = {"nn": ("mmfast.nn", None), "patch": ("mmfast.patching", "patch"), "unpatch": ("mmfast.patching", "unpatch"),
+         "patch_open_clip": ("mmfast.patching", "patch_open_clip"),
+         "unpatch_open_clip": ("mmfast.patching", "unpatch_open_clip")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mmfast' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attr is None else getattr(module, attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "sam_attention", "set_backend", "get_backend", "use_backend", "available_backends",
-           "BackendUnavailableError", "__version__"]
+           "BackendUnavailableError", "__version__", "nn", "patch", "unpatch", "patch_open_clip", "unpatch_open_clip"]
