@@ -15,6 +15,8 @@ and dX of each). LayerNorms, GELU, residual adds and the attention core are not 
 Floor "gemm+attn" (informational, no target): the same GEMMs plus the attention's own products q k^T and
 p v as torch.bmm on the same shapes, so the tables show how much of the gap to floor-gemm is attention
 matmul work any implementation does and how much the rest (softmax, LayerNorms, GELU, adds).
+Module cases (Case.module): on CUDA also timed as CUDA-graph replays, eager-graph against mmfast-graph
+(launch overhead apart from kernel time), and the default cases of `python -m mmfast bench --profile`.
 """
 import torch
 import torch.nn.functional as F

@@ -8,6 +8,8 @@ repeat_interleaved as SAM's MaskDecoder does, so mmfast's shared-image path appl
 CPU, fp32, against the reference in the same run: B=16 at least 2x faster (upstream ~1.25 s here), B=1 at
 least 1.3x (~42 ms). Both modules are called through torch.func.functional_call with the same parameter
 tensors (equal state_dict keys), so the float64 oracle runs with float64 weights.
+Module cases (Case.module): on CUDA also timed as CUDA-graph replays, eager-graph against mmfast-graph
+(launch overhead apart from kernel time), and the default cases of `python -m mmfast bench --profile`.
 """
 import torch
 from torch.func import functional_call

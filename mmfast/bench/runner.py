@@ -773,6 +773,7 @@ PROFILE_WARMUP, PROFILE_CALLS = 3, 5  # a few calls: the counts per call are exa
 PROFILE_MARK = "mmfast_bench::call"  # record_function around each profiled call
 _RUNTIME_API = re.compile(r"^cu(da)?[A-Z]")  # cudaLaunchKernel, cuLaunchKernel, cudaStreamSynchronize, ...
 _HOST_SYNC = re.compile(r"Synchronize|^cudaMemcpy$")  # calls that wait for the GPU (cudaMemcpy: blocking)
+_DEVICE_WAIT = re.compile(r"Sync$|Wait Event$")  # Kineto's sync records (enable_cuda_sync_events): no GPU work
 
 
 def profile_providers(case: Case, opts: Options) -> list[Provider]:
@@ -819,7 +820,10 @@ def profile_step(step: Step, device: torch.device, calls: int = PROFILE_CALLS) -
                  wall_ms=wall * 1e3 / calls, ops=len(ops) / calls,
                  top_host=_top(host, lambda e: e.self_cpu_time_total, calls))
     if cuda:  # the device side of the annotation (gpu_user_annotation) is a span, not work
-        gpu = [e for e in events if e.device_type == DeviceType.CUDA and e.name != PROFILE_MARK]
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA and e.name != PROFILE_MARK
+               and not _DEVICE_WAIT.search(e.name)]
+        if not gpu:  # zeros would read as "no GPU work"
+            raise RuntimeError("the profiler recorded no CUDA activity (is CUPTI available?)")
         found.update(gpu_ms=sum(e.time_range.elapsed_us() for e in gpu) / calls / 1e3,
                      kernels=sum(not e.name.startswith(("Memcpy", "Memset")) for e in gpu) / calls,
                      syncs=sum(bool(_HOST_SYNC.search(e.name)) for e in host if _RUNTIME_API.match(e.name)) / calls,
