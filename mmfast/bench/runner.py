@@ -395,7 +395,8 @@ def make_step(fn, prep: Prepared, mode: str, own_outputs: bool = False) -> Step:
 
 # ---- CUDA graphs: the graph providers, and tests/test_cuda_graphs.py ---------------------------------
 GRAPH_WARMUP = 3  # calls on a side stream before capture (torch's recipe; DDP needs 11, nothing here does)
-GRAPH_NO_BACKWARD = "skipped: a CUDA graph is timed in the forward and full modes (the backward mode's forward is built per call)"
+GRAPH_NO_BACKWARD = ("skipped: a CUDA graph is timed in the forward and full modes (the backward mode's forward is "
+                     "built per call)")
 
 
 class NotCapturable(RuntimeError):
@@ -471,7 +472,8 @@ def _check_captured(provider: Provider, prep: Prepared, mode: str, vs: str) -> s
     if mode == "backward":
         return GRAPH_NO_BACKWARD
     try:
-        step = captured_step(provider.fn, prep, mode, capture_inputs={k: _other_values(v) for k, v in prep.inputs.items()})
+        other = {k: _other_values(v) for k, v in prep.inputs.items()}
+        step = captured_step(provider.fn, prep, mode, capture_inputs=other)
         with torch.no_grad():
             for key, value in step.inputs.items():
                 if isinstance(value, torch.Tensor):
