@@ -186,6 +186,8 @@ def _bypass_problem(parent: nn.Module, child_name: str, *, attention: bool) -> s
             return f"its {child_name} is a {_class_name(type(child))}, not upstream's Attention"
         if _hooks(child):
             return f"its {child_name} has hooks, which the fused forward (reading its weights) would skip"
+        if "forward" in child.__dict__:
+            return f"its {child_name}'s forward is replaced on the instance; the fused forward would skip it"
         problems = (_bypass_problem(child, name, attention=False) for name in _SAM_ATTENTION_LINEARS)
         problem = next((p for p in problems if p), None)
         return f"{child_name}: {problem}" if problem else None
