@@ -174,7 +174,7 @@ for pair in ${BENCH_OPS:-sam_attention:50 perceiver_resampler:45 cross_attention
         --providers "$PROVIDERS" --out "$OUT/results" ${BENCH_ARGS:-}
 done
 stage profile 40 "$OUT/profile.txt" "$PY" -m mmfast bench --quick --device cuda --op sam_attention \
-    --op perceiver_resampler --providers mmfast --profile --out "$TMP/profile"
+    --op perceiver_resampler --providers mmfast --profile --out "$OUT/results"  # details: <op>-profile.txt in the tarball
 DEVICE_CLASS=$("$PY" -c "import torch; from mmfast import backend; print(backend._cuda_device_class(0)[0])" 2>/dev/null)
 stage tune 20 "$LOG" "$PY" -m mmfast tune "$OUT/results" \
     --source "benchmarks/gpu_check.sh on $(date -u +%F): $("$PY" -c 'import torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}")' 2>/dev/null)"

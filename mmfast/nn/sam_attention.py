@@ -109,10 +109,13 @@ class Sam2TwoWayAttentionBlock(_FusedTwoWayBlock, _ref.Sam2TwoWayAttentionBlock)
 def _same_for_every_prompt(x: Tensor) -> bool:
     """x [B, ...]: True when all B rows are provably the same tensor content and sharing them cannot
     change a gradient: batch 1, stride 0 over the batch, or (outside torch.compile, x needing no
-    gradient) rows equal to the first. SAM's mask decoder repeat_interleaves one image: the last case."""
+    gradient) rows equal to the first. SAM's mask decoder repeat_interleaves one image: the last case, a
+    host sync on CUDA, skipped while a CUDA graph is captured (the per-prompt path then runs)."""
     if x.shape[0] == 1 or x.stride(0) == 0:
         return True
     if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # the comparison is a host sync: not in a graph
         return False
     return torch.equal(x, x[:1].expand_as(x))
 
