@@ -56,7 +56,7 @@ os.environ.setdefault("MAX_JOBS", _max_jobs())
 with_cuda = _cuda_wanted()
 cuda_archs = os.environ.get("MMFAST_CUDA_ARCHS", "80;90a")
 
-sources = ["csrc/mmfast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/mmfast.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cxx_flags = ["-O3", "-std=c++20", "-fopenmp", os.environ.get("MMFAST_CPU_ARCH_FLAGS", "-march=native")]
 define_macros = [("MMFAST_VERSION", f'"{VERSION}"')]
 extra_compile_args = {"cxx": cxx_flags}

@@ -2,7 +2,8 @@
 //
 // Every kernel is a dispatcher operator in the `mmfast` namespace. Schemas live here, in one place;
 // CPU kernels register in csrc/cpu/<op>.cpp and CUDA kernels in csrc/cuda/<op>_api.cpp with
-// TORCH_LIBRARY_IMPL. Fake (meta) impls and autograd are registered from Python (mmfast/ops/<op>.py).
+// TORCH_LIBRARY_IMPL. Autograd of the forward operators is C++ too (csrc/autograd.cpp, the Autograd key);
+// fake (meta) impls are registered from Python (mmfast/ops/<op>.py).
 #include <torch/library.h>
 
 #ifndef MMFAST_NO_PYTHON

@@ -10,7 +10,8 @@ Operators (schemas and block semantics in csrc/mmfast.cpp):
 None of them builds the B x B logits. A single process is one block; the distributed variants (local
 loss with a label offset, ring exchange of feature blocks, SigLIP neighbour exchange with negatives-only
 blocks) are built from the same block operators. This file checks arguments, picks the backend, and
-registers fake impls and autograd for the operators. Besides the two open_clip losses it exposes the
+registers the operators' fake impls and the Triton operators' autograd (the native operators' autograd is
+C++, csrc/autograd.cpp). Besides the two open_clip losses it exposes the
 single-block pieces the distributed modules (mmfast/nn/contrastive_loss.py) build on: check_pair,
 clip_row_loss (one direction over a rectangular block with a label offset: the local loss) and
 siglip_block_loss (with or without positives).
@@ -68,7 +69,7 @@ def _fake_siglip(rows, cols, logit_scale, logit_bias, has_positives, compute_gra
             rows.new_empty((), dtype=st))
 
 
-# ---- autograd: fused backward operators of the same backend ---------------------------------------
+# ---- autograd of the Triton operators (the native ones': csrc/autograd.cpp, the same logic in C++) -
 def _register_autograd(names):
     clip_fwd, clip_bwd, siglip = names
     clip_bwd_op = getattr(torch.ops.mmfast, clip_bwd)
@@ -110,17 +111,17 @@ def _register_autograd(names):
     torch.library.register_autograd(f"mmfast::{siglip}", backward_siglip, setup_context=setup_siglip)
 
 
-def _register(names):
+def _register_fakes(names):
     for name, fake in zip(names, (_fake_clip, _fake_clip_backward, _fake_siglip)):
         torch.library.register_fake(f"mmfast::{name}")(fake)
-    _register_autograd(names)
 
 
 if _backend._C is not None:
-    _register(_NATIVE)
+    _register_fakes(_NATIVE)
 if _HAS_TRITON:
     import mmfast.triton.contrastive_loss  # noqa: F401  (defines the mmfast::*_triton custom ops)
-    _register(_TRITON)
+    _register_fakes(_TRITON)
+    _register_autograd(_TRITON)
 
 
 # ---- the public functions ------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Operators (schemas in csrc/mmfast.cpp):
       (csrc/cpu/cross_attention.cpp); CUDA kernels register under the same names
   mmfast::cross_attention_triton / cross_attention_backward_triton    Triton kernels, defined by
       mmfast/triton/cross_attention.py when that module exists
-This file checks arguments, picks the backend, and registers fake impls and autograd for all of them.
+This file checks arguments, picks the backend, and registers the fake impls of all of them and the autograd
+of the Triton ones (the native operators' autograd is C++, csrc/autograd.cpp).
 
 Conventions every backend's operators follow (the fake impls below encode them, opcheck checks them):
   * forward returns (out, lse): out [B, H, Lq, d] in q's dtype, allocated as [B, Lq, H, d] and
@@ -66,7 +67,7 @@ def _fake_backward(grad_out, q, k, v, k2, v2, out, lse, scale):
     return _grad_like(q), _grad_like(k), _grad_like(v), grad_k2, grad_v2
 
 
-# ---- autograd: the backward is the fused backward operator of the same backend ----------------------
+# ---- autograd of the Triton operators (the native ones': csrc/autograd.cpp, the same logic in C++) -------
 def _register_autograd(names):
     fwd, bwd = names
     bwd_op = getattr(torch.ops.mmfast, bwd)
@@ -88,21 +89,21 @@ def _register_autograd(names):
     torch.library.register_autograd(f"mmfast::{fwd}", backward, setup_context=setup_context)
 
 
-def _register(names):
+def _register_fakes(names):
     for name, fake in zip(names, (_fake_forward, _fake_backward)):
         torch.library.register_fake(f"mmfast::{name}")(fake)
-    _register_autograd(names)
 
 
 # An extension built before these schemas existed has no mmfast::cross_attention: reference only then.
 _native_defined = _backend._C is not None and all(hasattr(torch.ops.mmfast, n) for n in _NATIVE)
 if _native_defined:
-    _register(_NATIVE)
+    _register_fakes(_NATIVE)
 _triton_defined = (_backend._triton_error is None
                    and importlib.util.find_spec("mmfast.triton.cross_attention") is not None)
 if _triton_defined:
     import mmfast.triton.cross_attention  # noqa: F401  (defines the mmfast::*_triton custom ops)
-    _register(_TRITON)
+    _register_fakes(_TRITON)
+    _register_autograd(_TRITON)
 
 # The implementations that exist in this process (backend.resolve explains any other request).
 IMPLEMENTATIONS = tuple(name for name, present in (

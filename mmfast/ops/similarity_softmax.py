@@ -4,7 +4,8 @@ Operators (schemas in csrc/mmfast.cpp):
   mmfast::similarity_softmax / _backward       C++ CPU (csrc/cpu) and CUDA (csrc/cuda) kernels
   mmfast::similarity_topk / _backward          the top-k mode, never building the N x C matrix
   mmfast::similarity_softmax_triton, ...       the Triton kernels (mmfast/triton/similarity_softmax.py)
-This file checks arguments, picks the backend, and registers fake impls and autograd for all of them.
+This file checks arguments, picks the backend, and registers the fake impls of all of them and the autograd
+of the Triton ones (the native operators' autograd is C++, csrc/autograd.cpp).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _fake_topk_backward(grad_values, values, indices, row_lse, image, text, inv_
     return _fake_backward(None, None, image, text, None, None, None, None, None)
 
 
-# ---- autograd: the backward is the fused backward operator of the same backend ------------------
+# ---- autograd of the Triton operators (the native ones': csrc/autograd.cpp, the same logic in C++) -
 def _register_autograd(names):
     fwd, bwd, topk, topk_bwd = names
     bwd_op = getattr(torch.ops.mmfast, bwd)
@@ -84,17 +85,17 @@ def _register_autograd(names):
     torch.library.register_autograd(f"mmfast::{topk}", backward_topk, setup_context=setup_topk)
 
 
-def _register(names):
+def _register_fakes(names):
     for name, fake in zip(names, (_fake_forward, _fake_backward, _fake_topk, _fake_topk_backward)):
         torch.library.register_fake(f"mmfast::{name}")(fake)
-    _register_autograd(names)
 
 
 if _backend._C is not None:
-    _register(_NATIVE)
+    _register_fakes(_NATIVE)
 if _backend._triton_error is None:
     import mmfast.triton.similarity_softmax  # noqa: F401  (defines the mmfast::*_triton custom ops)
-    _register(_TRITON)
+    _register_fakes(_TRITON)
+    _register_autograd(_TRITON)
 
 
 # ---- the public function -------------------------------------------------------------------------
