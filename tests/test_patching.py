@@ -27,11 +27,15 @@ from mmfast.nn import sam_attention as fused_sam
 from mmfast.reference import perceiver as ref_perceiver
 from test_sam_attention import check, randomized
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
 segment_anything = pytest.importorskip("segment_anything")
 sam2_transformer = pytest.importorskip("sam2.modeling.sam.transformer")
 flamingo_pytorch = pytest.importorskip("flamingo_pytorch")
 open_clip = pytest.importorskip("open_clip")
 from segment_anything.modeling import transformer as sam_transformer  # noqa: E402
+
+import sam_automatic_masks as sam_example  # noqa: E402  (examples/)
 
 SAM_FAMILIES = {"segment_anything": sam_transformer, "sam2": sam2_transformer}
 SAM_DRAWN = dict(depth=2, embedding_dim=64, num_heads=2, mlp_dim=96)  # head dims 32 and 16: the kernels' range
@@ -239,34 +243,10 @@ def test_bad_input_and_nothing_to_patch():
 
 # ---- SAM end to end --------------------------------------------------------------------------------------
 def tiny_sam(seed=0):
-    """segment_anything's Sam as build_sam assembles it, at 128 px with a 1-block ViT and a 64-channel decoder."""
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam
-
-    torch.manual_seed(seed)
-    dim, size, patch = 64, 128, 16
-    sam = Sam(image_encoder=ImageEncoderViT(depth=1, embed_dim=32, img_size=size, mlp_ratio=2, num_heads=2,
-                                            norm_layer=partial(nn.LayerNorm, eps=1e-6), patch_size=patch,
-                                            qkv_bias=True, use_rel_pos=True, global_attn_indexes=[0], window_size=4,
-                                            out_chans=dim),
-              prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch, size // patch),
-                                           input_image_size=(size, size), mask_in_chans=8),
-              mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=sam_transformer.TwoWayTransformer(
-                  depth=2, embedding_dim=dim, mlp_dim=96, num_heads=2), transformer_dim=dim, iou_head_depth=2,
-                  iou_head_hidden_dim=32),
-              pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    """The example's small Sam (128 px, one-block ViT, 64-channel decoder) with a randomized decoder."""
+    sam = sam_example.small_sam(seed)
     randomized(sam.mask_decoder, seed)
-    return sam.eval()
-
-
-def synthetic_image():
-    """Two flat shapes on a gradient, 96 x 128 RGB uint8."""
-    y, x = np.mgrid[:96, :128]
-    image = np.stack([x * 2, y * 2, (x + y)], axis=-1).astype(np.uint8)
-    image[20:60, 30:70] = (220, 40, 40)
-    image[(y - 60) ** 2 + (x - 95) ** 2 < 300] = (30, 200, 90)
-    return image
+    return sam
 
 
 def test_sam_predictor_same_masks_and_scores(sam_calls):
@@ -279,7 +259,7 @@ def test_sam_predictor_same_masks_and_scores(sam_calls):
     results = []
     for model in (upstream, sam):
         predictor = SamPredictor(model)
-        predictor.set_image(synthetic_image())
+        predictor.set_image(sam_example.synthetic_image())
         results.append(predictor.predict(point_coords=points, point_labels=labels, multimask_output=True,
                                          return_logits=True))
     assert sam_calls
@@ -297,10 +277,9 @@ def test_sam_automatic_mask_generator_same_masks(sam_calls):
     upstream = tiny_sam(seed=1)
     sam = copy.deepcopy(upstream)
     mmfast.patch(sam)
-    # No quality filter: random weights score low, and every mask proposal is compared.
-    kwargs = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    records = [SamAutomaticMaskGenerator(m, **kwargs).generate(synthetic_image()) for m in (upstream, sam)]
-    assert sam_calls and len(records[0]) == len(records[1]) > 0
+    kwargs = {**sam_example.SMALL_GENERATOR, "points_per_side": 6}  # every proposal kept: 3 per point
+    records = [SamAutomaticMaskGenerator(m, **kwargs).generate(sam_example.synthetic_image()) for m in (upstream, sam)]
+    assert sam_calls and len(records[0]) == len(records[1]) == 3 * 6 * 6
     for a, b in zip(*records):
         assert np.array_equal(a["segmentation"], b["segmentation"]) and a["bbox"] == b["bbox"]
         assert abs(a["predicted_iou"] - b["predicted_iou"]) <= 1e-5 * max(1.0, abs(b["predicted_iou"]))
