@@ -28,10 +28,13 @@ import open_clip  # noqa: E402
 SMALL_CONTEXT, SMALL_VOCAB = 16, 1000
 
 
-def small_clip(siglip: bool) -> torch.nn.Module:
-    """A CLIP of open_clip's own classes at toy sizes: 32 px images, one-layer towers of width 64."""
-    return open_clip.CLIP(embed_dim=64, vision_cfg=dict(layers=1, width=64, head_width=32, patch_size=8, image_size=32),
-                          text_cfg=dict(context_length=SMALL_CONTEXT, vocab_size=SMALL_VOCAB, width=64, heads=2,
+def small_clip(siglip: bool = False, *, context_length: int = SMALL_CONTEXT, vocab_size: int = SMALL_VOCAB,
+               embed_dim: int = 64) -> torch.nn.Module:
+    """A CLIP of open_clip's own classes at toy sizes: 32 px images, one-layer towers of width 64, random weights
+    (vocab_size 49408 takes open_clip's tokenizer's tokens)."""
+    return open_clip.CLIP(embed_dim=embed_dim,
+                          vision_cfg=dict(layers=1, width=64, head_width=32, patch_size=8, image_size=32),
+                          text_cfg=dict(context_length=context_length, vocab_size=vocab_size, width=64, heads=2,
                                         layers=1),
                           init_logit_bias=-10.0 if siglip else None, output_dict=True)
 

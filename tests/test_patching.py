@@ -35,7 +35,10 @@ flamingo_pytorch = pytest.importorskip("flamingo_pytorch")
 open_clip = pytest.importorskip("open_clip")
 from segment_anything.modeling import transformer as sam_transformer  # noqa: E402
 
-import sam_automatic_masks as sam_example  # noqa: E402  (examples/)
+import clip_train  # noqa: E402  (examples/)
+import sam_automatic_masks as sam_example  # noqa: E402
+import zero_shot  # noqa: E402
+from clip_train import loss_args  # noqa: E402
 
 SAM_FAMILIES = {"segment_anything": sam_transformer, "sam2": sam2_transformer}
 SAM_DRAWN = dict(depth=2, embedding_dim=64, num_heads=2, mlp_dim=96)  # head dims 32 and 16: the kernels' range
@@ -342,18 +345,6 @@ def patched_open_clip():
     mmfast.unpatch_open_clip()
 
 
-def tiny_clip(siglip):
-    torch.manual_seed(0)
-    return open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
-                          text_cfg=dict(context_length=12, vocab_size=64, width=32, heads=2, layers=1),
-                          init_logit_bias=-10.0 if siglip else None, output_dict=True)
-
-
-def loss_args(siglip):
-    return Namespace(distill=False, model="tiny", siglip=siglip, local_loss=False, gather_with_grad=False, rank=0,
-                     world_size=1, horovod=False, loss_dist_impl=None)
-
-
 def test_patch_open_clip_replaces_the_losses_and_unpatch_restores(patched_open_clip):
     assert set(patched_open_clip) == {"open_clip.loss.ClipLoss", "open_clip.loss.SigLipLoss",
                                       "open_clip.factory.ClipLoss", "open_clip.factory.SigLipLoss",
@@ -371,11 +362,13 @@ def test_patch_open_clip_replaces_the_losses_and_unpatch_restores(patched_open_c
 
 @pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
 def test_open_clip_training_step_same_loss_and_gradients(siglip):
-    model = tiny_clip(siglip)
+    torch.manual_seed(0)
+    model = clip_train.small_clip(siglip)
     model64 = copy.deepcopy(model).double()
     upstream_loss = open_clip.create_loss(loss_args(siglip))
     g = torch.Generator().manual_seed(0)
-    images, texts = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 64, (6, 12), generator=g)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    texts = torch.randint(0, clip_train.SMALL_VOCAB, (6, clip_train.SMALL_CONTEXT), generator=g)
     mmfast.patch_open_clip()
     try:
         loss_fn = open_clip.create_loss(loss_args(siglip))
@@ -409,3 +402,26 @@ def test_import_mmfast_exposes_nn_and_patch_lazily():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         mmfast.nope  # noqa: B018
     assert patching.ONLY_NAMES and mmfast.unpatch is patching.unpatch
+
+
+# ---- examples/, run small ---------------------------------------------------------------------------------
+def test_example_clip_train():
+    rows = clip_train.main(["--batch-sizes", "16", "--steps", "2"])
+    assert len(rows) == 1 and float(rows[0][3]) <= 1e-5  # the patched loss follows open_clip's step for step
+
+
+def test_example_sam_automatic_masks(sam_calls):
+    upstream, patched = sam_example.main(["--num-images", "1"])
+    (up_masks, _, up_decoder), (mm_masks, _, mm_decoder) = upstream[0], patched[0]
+    assert sam_calls and up_decoder > 0 and mm_decoder > 0
+    assert len(up_masks) == 3 * 8 * 8 and sam_example.same_masks(mm_masks, up_masks) == len(up_masks)
+
+
+def test_example_zero_shot(tmp_path):
+    agree, rows = zero_shot.main(["--num-classes", "10", "--num-images", "4", "--timing-batch", "256"])
+    assert agree == 1.0 and [r[0] for r in rows] == ["open_clip", "mmfast"]
+    torch.save(torch.randn(6, 16), tmp_path / "img.pt")
+    torch.save(torch.randn(3, 2, 16), tmp_path / "txt.pt")
+    agree, _ = zero_shot.main(["--image-features", str(tmp_path / "img.pt"), "--text-features", str(tmp_path / "txt.pt"),
+                               "--timing-batch", "64"])
+    assert agree == 1.0
