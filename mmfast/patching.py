@@ -34,7 +34,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
-import torch
 from torch import nn
 
 from mmfast import backend as _backend
@@ -125,7 +124,7 @@ def _make_backend_class(drop_in: type) -> type:
     return cls
 
 
-_WITH_BACKEND = {s.drop_in: _make_backend_class(s.drop_in) for s in _SWAPS}
+_WITH_BACKEND = {drop_in: _make_backend_class(drop_in) for drop_in in dict.fromkeys(s.drop_in for s in _SWAPS)}
 
 
 # ---- the report ------------------------------------------------------------------------------------------

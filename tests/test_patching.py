@@ -2,7 +2,7 @@
 built small with random weights (no download): outputs and every gradient of the patched model vs the unpatched
 one in float64 (test_sam_attention.check: mmfast.testing's fp32 rule), Parameter identity, hooks, train/eval
 mode, state_dict both ways, what is left alone and why, unpatch, SamPredictor and SamAutomaticMaskGenerator
-end to end, an open_clip training step with the patched losses. open_flamingo cannot be installed next to
+end to end, an open_clip training step with the patched losses, and examples/ run small. open_flamingo cannot be installed next to
 torch 2.14 (it pins torch 2.0.1): its family runs on stand-ins that carry open_flamingo's module path and
 class names over mmfast.reference's mirror of open_flamingo 2.0.1.
 """
@@ -12,7 +12,6 @@ import pickle
 import subprocess
 import sys
 import types
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
