@@ -135,7 +135,7 @@ def providers_for(case: Case, device: torch.device, backends: list[str] | None =
         return (not only or name in only or name == "eager"
                 or (name == "eager-graph" and "mmfast-graph" in only))
 
-    auto = _backend.resolve(case.op, case.backends, device, case.dtype, "auto")
+    auto = _backend.resolve(case.op, case.backends, device, case.dtype, "auto", case.params.get("dispatch"))
     found = [Provider("eager", case.reference, checked=False)]
     if wanted("compile"):  # dynamic=False: specialized to the case's shapes, like a deployed model
         found.append(Provider("compile", torch.compile(case.reference, dynamic=False), checked=True))
