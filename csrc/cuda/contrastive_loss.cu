@@ -297,6 +297,31 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   }
 }
 
+// exp(y) for y <= 0 within ~1 ulp, without MUFU.EX2. SigLIP's fp32 scalar gradients are small differences
+// of large sums (tests/test_contrastive_loss.py at B=128, D=768, scale 100, bias -10: dL/dbias = -0.35 of
+// terms summing to 226 in magnitude), so a rounding shared by every term counts ~640x: fast_exp's rounded
+// argument y * log2(e) (|y| up to ~30) put the bias gradient 4.1e-6 of its value off G of the same fp32
+// logits (emulated), 2.1e-6 with this (the roundings of e, 1 + e, the reciprocal and the product: 2.6e-6
+// with a correctly rounded exp instead). Cody-Waite: y = k ln2 + r, |r| <= ln2 / 2, k * ln2_hi exact (15
+// significant bits); exp(r) by Taylor to r^8 (truncation < 2e-10 relative); 2^k from the exponent bits.
+// Below ln(2^-126) it gives 0, as ex2.approx.ftz does; NaN stays NaN. ~16 FMA-pipe instructions instead
+// of 2, in a pass bound by memory (siglip_tile_kernel<float>: 50 registers, was 52; no spills; sm_90a).
+__device__ __forceinline__ float exp_nonpositive(float y) {
+  const float k = fmaxf(rintf(y * 1.44269504f), -126.f);  // fmaxf(NaN, -126) = -126: the int below is defined
+  float r = fmaf(k, -0.693145751953125f, y);
+  r = fmaf(k, -1.42860677e-6f, r);
+  float p = 1.f / 40320.f;
+  p = fmaf(p, r, 1.f / 5040.f);
+  p = fmaf(p, r, 1.f / 720.f);
+  p = fmaf(p, r, 1.f / 120.f);
+  p = fmaf(p, r, 1.f / 24.f);
+  p = fmaf(p, r, 1.f / 6.f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.f);
+  p = fmaf(p, r, 1.f);
+  return y < -87.33654f ? 0.f : p * __int_as_float((static_cast<int>(k) + 127) << 23);
+}
+
 // SigLIP: a negative pair costs softplus(x) with gradient sigmoid(x), both from e = exp(-|x|); the
 // positive (column == row, has_positives) costs softplus(-x) with gradient -sigmoid(-x)
 // (contrastive::siglip_positive). dx null: the loss only.
@@ -327,7 +352,9 @@ __global__ void __launch_bounds__(kRowWarps * 32)
           const int64_t c = j + i;
           const float dot = frag.f(i);
           const float x = fmaf(dot, scale, bias);
-          const float e = fast_exp(-fabsf(x));
+          // fp32 features get the accurate exponential; fp16/bf16 ones, whose bound is the error of the
+          // reference in that precision, keep MUFU.EX2.
+          const float e = std::is_same_v<T, float> ? exp_nonpositive(-fabsf(x)) : fast_exp(-fabsf(x));
           const bool positive = c == jp;
           part_loss += fmaxf(positive ? -x : x, 0.f) + log1pf(e);
           if (out != nullptr) {

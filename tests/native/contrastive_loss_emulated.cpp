@@ -1,7 +1,8 @@
 // Runs the CUDA contrastive-loss kernels (csrc/cuda/contrastive_loss.cu, through its real launchers) on CPU
 // threads with tests/native/cuda_emulation.h and checks what they compute against float64 references
-// computed here. Run by tests/test_cuda_emulation.py: no arguments; prints one line per failed check and a
-// summary, and exits with 0 only if every check passed.
+// computed here. Run by tests/test_cuda_emulation.py, without arguments (every check below) or with a features
+// file (check_siglip_scalar_gradients only); prints one line per failed check and a summary, and exits with 0
+// only if every check passed.
 //
 // The driver does the operator glue's part (csrc/cuda/contrastive_loss_api.cpp): the same column-chunk
 // loop, scratch buffers and launcher calls, with cuBLAS's GEMMs replaced by float64 products rounded to
@@ -141,6 +142,16 @@ struct Block {
     for (int64_t j = 0; j < s.bt; ++j)
       for (int64_t k = 0; k < s.d; ++k)
         cols[j * s.d + k] = kc::from_float<T>(noise * normal(gen) + (confident ? (k == j) - (k == s.d - 1) : 0));
+    finish(confident ? " confident" : "");
+  }
+
+  // Given features (already T values).
+  Block(const Shape& shape, std::vector<T> r, std::vector<T> c, const char* label)
+      : s(shape), rows(std::move(r)), cols(std::move(c)) {
+    finish(label);
+  }
+
+  void finish(const char* label) {
     for (const T& v : rows) rows64.push_back(kc::to_float(v));
     for (const T& v : cols) cols64.push_back(kc::to_float(v));
     dots.resize(s.bi * s.bt);
@@ -151,8 +162,7 @@ struct Block {
         dots[i * s.bt + j] = sum;
       }
     tag = std::string(name_of<T>()) + " " + std::to_string(s.bi) + "x" + std::to_string(s.bt) + " D" +
-          std::to_string(s.d) + " W" + std::to_string(s.width) + " offset " + std::to_string(s.label_offset) +
-          (confident ? " confident" : "");
+          std::to_string(s.d) + " W" + std::to_string(s.width) + " offset " + std::to_string(s.label_offset) + label;
   }
 
   const float* scale() const { return &s.scale; }
@@ -358,7 +368,7 @@ void clip_backward(const Block<T>& b, const Forward& f, const std::vector<float>
 
 // ---- SigLIP: loss (and gradients when compute_grad) ----------------------------------------------------------
 template <typename T>
-void siglip(const Block<T>& b, bool has_positives, bool compute_grad) {
+Gradients siglip(const Block<T>& b, bool has_positives, bool compute_grad) {
   const Shape& s = b.s;
   const std::string what = std::string("siglip ") + (has_positives ? "positives" : "negatives only") +
                            (compute_grad ? "" : " loss only");
@@ -392,6 +402,62 @@ void siglip(const Block<T>& b, bool has_positives, bool compute_grad) {
     }
   expect_close({g.loss}, {loss}, {loss}, 0x1p-19, b.tag + " " + what + " loss");
   if (compute_grad) check_gradients(b, G, g, what);
+  return g;
+}
+
+// SigLIP's scalar gradients relative to their own value, on features read from `path` (int64 B, int64 D, float
+// scale, float bias, then fp32 rows [B, D] and cols [B, D]); tests/test_cuda_emulation.py passes the fp32
+// features of tests/test_contrastive_loss.py's B=128, D=768, scale 100, bias -10 case, where the GPU kernels
+// missed the 1e-5 bound (issue 12). There dL/dbias = sum G = -0.35 while sum |G| = 226: a relative error of
+// 1e-8 shared by every term moves it by 6e-6 of itself, which check_gradients (relative to sum |G|) cannot see.
+// Two references: G on the kernel's own fp32 logits fmaf(dot32, scale, bias) isolates what the kernel adds
+// (exponential, reciprocal, sums) from the rounding of its inputs; G on the exact logits is what the
+// pytest compares with (2^-18 and 1e-5 of the value). Prints the kernel's values for the pytest.
+int check_siglip_scalar_gradients(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  int64_t dims[2] = {0, 0};
+  float scalars[2] = {0, 0};
+  if (f == nullptr || std::fread(dims, sizeof dims, 1, f) != 1 || std::fread(scalars, sizeof scalars, 1, f) != 1) {
+    std::fprintf(stderr, "cannot read %s\n", path);
+    return 2;
+  }
+  const int64_t n = dims[0] * dims[1];
+  std::vector<float> rows(n), cols(n);
+  if (std::fread(rows.data(), sizeof(float), n, f) != size_t(n) ||
+      std::fread(cols.data(), sizeof(float), n, f) != size_t(n)) {
+    std::fprintf(stderr, "short file %s\n", path);
+    return 2;
+  }
+  std::fclose(f);
+  const int64_t width = std::min(dims[0], kc::kLossMaxChunk);  // the glue's chunk width (no halving below 2^13 rows)
+  const Block<float> b({dims[0], dims[0], dims[1], width, 0, scalars[0], scalars[1], 0.f}, rows, cols, " given");
+  const Gradients g = siglip(b, true, true);
+  double own_gs = 0, own_gb = 0, gs = 0, gb = 0;
+  for (int64_t i = 0; i < b.s.bi; ++i)
+    for (int64_t j = 0; j < b.s.bt; ++j) {
+      const double pos = i == j ? 1.0 : 0.0, dot = b.dots[i * b.s.bt + j];
+      const float dot32 = static_cast<float>(dot);
+      const double own = 1 / (1 + std::exp(-double(std::fmaf(dot32, b.s.scale, *b.s.bias)))) - pos;
+      own_gs += own * dot32;
+      own_gb += own;
+      const double exact = 1 / (1 + std::exp(-b.logit(i, j))) - pos;
+      gs += exact * dot;
+      gb += exact;
+    }
+  auto rel = [](double got, double want) { return std::abs(got - want) / std::abs(want); };
+  std::printf("grad_logit_scale %.9g grad_logit_bias %.9g\n", g.scale, g.bias);
+  std::printf("error relative to the value, against G of the kernel's fp32 logits: scale %.3g, bias %.3g; "
+              "of the exact logits: scale %.3g, bias %.3g\n",
+              rel(g.scale, own_gs), rel(g.bias, own_gb), rel(g.scale, gs), rel(g.bias, gb));
+  // Against its own logits the kernel's terms carry the roundings of e, 1 + e, the reciprocal and the product
+  // (measured 2.1e-6 of the bias gradient, 2.6e-6 with a correctly rounded exp in place of exp_nonpositive);
+  // fast_exp's rounded argument made it 4.1e-6.
+  expect_error(rel(g.scale, own_gs), 0x1p-18, b.tag + " grad_scale vs its fp32 logits, relative to itself");
+  expect_error(rel(g.bias, own_gb), 0x1p-18, b.tag + " grad_bias vs its fp32 logits, relative to itself");
+  expect_error(rel(g.scale, gs), 1e-5, b.tag + " grad_scale vs the exact logits, relative to itself");
+  expect_error(rel(g.bias, gb), 1e-5, b.tag + " grad_bias vs the exact logits, relative to itself");
+  std::printf("contrastive_loss_emulated %s: %d checks, %d failed\n", path, checks, failures);
+  return failures == 0 ? 0 : 1;
 }
 
 // ---- one block through every path ----------------------------------------------------------------------
@@ -447,7 +513,8 @@ void check_gradient_factor(const std::vector<float>& a, const std::vector<float>
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 2) return check_siglip_scalar_gradients(argv[1]);
   // 1 x 1 blocks: the lse equals the positive logit bit for bit.
   run<float>({1, 1, 3, 1, 0, 3.f, std::nullopt, 0.5f}, 1);
   run<__half>({1, 1, 8, 1, 0, 2.f, -1.25f, 0.5f}, 2);

@@ -14,7 +14,7 @@
 // copy, right because blocks never overlap; not refilled with NaN, so a block reads what the previous
 // block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
 // the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
-// g++ from fusing them into an fma) and the int min/max of device code.
+// g++ from fusing them into an fma), __int_as_float and the int min/max of device code.
 //
 // What it cannot show: races that a real GPU's scheduling exposes, speed, and the device math library's
 // rounding: expf, exp2f, log1pf ... run as the host's libm, not as --use_fast_math's approximations.
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -183,6 +184,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float a) { return 1.f / a; }
+inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
 using std::max;  // device code's min(int, int) / max(int, int)
 using std::min;
 
