@@ -31,7 +31,7 @@ Backward (CLIP, and SigLIP with compute_grad): G = dL/dx is rebuilt tile by tile
 A row-side kernel (one program per [BLOCK_M rows, BLOCK_DO features] block, sweeping the column tiles)
 accumulates dRows = scale * G @ cols and writes per-row sum(G * dot), sum(G) (and SigLIP's per-row loss);
 a column-side kernel mirrors it for dCols = scale * G^T @ rows. Every sum runs in a fixed order in one
-program, so the results are deterministic (no atomics); the scalar gradients are torch sums of the
+program, so the results are deterministic (no atomics); the scalar gradients are fp64 torch sums of the
 per-row partials. Cost: each side recomputes the dots once per D block, so 2 * (ceil(D / BLOCK_DO) + 1)
 GEMMs of Bi*Bt*D where the CPU kernel runs 3 with a per-thread scratch tile. NOT tuned on a GPU yet;
 a stripe scheme (G for BLOCK_M x Bt at a time in memory, then plain GEMMs) would reach 3 GEMMs for
@@ -103,23 +103,49 @@ def _store_grad(ptrs, acc, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_step(r_ptr, c_ptr, rows, cols, m_ok, n_ok, d, D, s_rm, s_rd, s_cn, s_cd, acc,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + rows[rows, d] . cols[cols, d] for one BLOCK_D range d of features (masked at D)."""
+    d_ok = d < D
+    a = tl.load(r_ptr + rows[:, None] * s_rm + d[None, :] * s_rd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    b = tl.load(c_ptr + cols[:, None] * s_cn + d[None, :] * s_cd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # interpreter, fp16/bf16: see the top
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dot[BLOCK_M, BLOCK_N] = rows[offs_m] . cols[offs_n] in fp32 (0 outside the block)."""
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_D: tl.constexpr):
+    """dot[BLOCK_M, BLOCK_N] = rows[offs_m] . cols[offs_n] in fp32 (0 outside the block).
+
+    SPLIT_D with full-precision fp32 (PRECISION "ieee": FMA dots, no tensor cores) sums each 2 * BLOCK_D stretch
+    of D on its own and adds the stretches up. A tl.dot chained through one accumulator is one fma chain over
+    all of D: unit-norm dots at D=768 come out ~1.8e-8 off (std; 5.8e-9 in stretches of 64, numpy model of the
+    fma order), and SigLIP's fp32 bias gradient, which cancels 640-fold at B=128 and scale 100, moves ~9e-6 of
+    its value per 1e-8: the H200 run's 4.0e-5 miss (issue 12; the model gives 3.8e-5 for the chain, 4.7e-6 for
+    stretches of 64). Two tl.dot per stretch because Triton's combine pass folds addf(dot(a, b, 0), acc) into
+    dot(a, b, acc), which would restore the single chain; a chain of two is left alone. Cost: the stretch's
+    own accumulator tile (ptxas sm_90a, fp32 64 x 64 tiles, 4 warps: _clip_fwd_kernel would go from 0 to 600
+    bytes of spills, so only the kernel that takes SigLIP's scalar sums asks for it), one add per dot per
+    2 * BLOCK_D fmas, and a masked half stretch where D is not a multiple of 2 * BLOCK_D."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_ok = d < D
-        a = tl.load(r_ptr + rows[:, None] * s_rm + d[None, :] * s_rd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        b = tl.load(c_ptr + cols[:, None] * s_cn + d[None, :] * s_cd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:  # interpreter, fp16/bf16: see the top
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if SPLIT_D and PRECISION == "ieee":
+        for d0 in range(0, D, 2 * BLOCK_D):
+            part = _dot_step(r_ptr, c_ptr, rows, cols, m_ok, n_ok, d0 + offs_d, D, s_rm, s_rd, s_cn, s_cd,
+                             tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION, UPCAST)
+            part = _dot_step(r_ptr, c_ptr, rows, cols, m_ok, n_ok, d0 + BLOCK_D + offs_d, D, s_rm, s_rd, s_cn, s_cd,
+                             part, PRECISION, UPCAST)
+            acc += part
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            acc = _dot_step(r_ptr, c_ptr, rows, cols, m_ok, n_ok, d0 + offs_d, D, s_rm, s_rd, s_cn, s_cd, acc,
+                            PRECISION, UPCAST)
     return acc
 
 
@@ -213,18 +239,48 @@ def _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, 
 
 
 @triton.jit
+def _exp_nonpositive(y):
+    """exp(y) for y <= 0 within ~1 ulp from fp32 adds and multiplies only (csrc/cuda/contrastive_loss.cu's
+    exp_nonpositive, without fma: the interpreter rounds tl.fma twice). tl.exp is ex2.approx(y * log2(e)) on a
+    GPU, whose rounded argument alone put SigLIP's fp32 bias gradient 4.1e-6 of its value off where it cancels
+    640-fold (B=128, scale 100; the CUDA kernel's fast_exp, emulated). Cody-Waite: y = k ln2 + r, |r| <= ln2 / 2;
+    k * ln2_hi is exact (15 significant bits) and y - k * ln2_hi too (Sterbenz); exp(r) by Taylor to r^8
+    (truncation < 2e-10 relative); 2^k from the exponent bits. Below ln(2^-126) it gives 0; NaN stays NaN
+    (k's maximum drops a NaN, r keeps it)."""
+    k = tl.maximum(tl.floor(y * 1.4426950408889634 + 0.5), -126.0)
+    r = (y - k * 0.693145751953125) - k * 1.42860677e-6
+    p = r * (1.0 / 40320.0) + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    two_k = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(y < -87.33654, 0.0, p * two_k)
+
+
+@triton.jit
 def _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS: tl.constexpr, WITH_LOSS: tl.constexpr,
-                 WITH_GRAD: tl.constexpr):
+                 WITH_GRAD: tl.constexpr, ACCURATE: tl.constexpr):
     """(loss [BLOCK_M, BLOCK_N], G = dL/dx) of a SigLIP tile in fp32, 0 outside the block (each only when
     asked). Negative pair: softplus(x), sigmoid(x); positive (i == j when HAS_POS): softplus(-x), -sigmoid(-x);
-    both from e = exp(-|x|) as contrastive.h's siglip_positive, so neither cancels for large |x|."""
+    both from e = exp(-|x|) as contrastive.h's siglip_positive, so neither cancels for large |x|. ACCURATE (the
+    terms of the fp32 scalar gradients, which cancel; full-precision dots only: TF32/fp16/bf16 ones are coarser
+    than either approximation) takes e from _exp_nonpositive and refines 1 / (1 + e) by a Newton step: `/` is
+    div.full.f32 on a GPU, up to 2 ulp, and div_rn's slow path cost 144 more bytes of spills in
+    _bwd_rows_kernel than this (ptxas sm_90a)."""
     x = dot * scale + bias
     valid = m_ok[:, None] & n_ok[None, :]
     if HAS_POS:
         pos = offs_m[:, None] == offs_n[None, :]
     else:
         pos = tl.zeros(x.shape, dtype=tl.int1)
-    e = tl.exp(-tl.abs(x))
+    if ACCURATE:
+        e = _exp_nonpositive(-tl.abs(x))
+    else:
+        e = tl.exp(-tl.abs(x))
     nonneg = x >= 0.0
     loss = x
     g = x
@@ -233,7 +289,12 @@ def _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS: tl.const
     if WITH_GRAD:
         # sigmoid(x) = 1/(1+e) (x >= 0) or e/(1+e); -sigmoid(-x) = -e/(1+e) (x >= 0) or -1/(1+e).
         num = tl.where(pos, tl.where(nonneg, -e, -1.0), tl.where(nonneg, 1.0, e))
-        g = tl.where(valid, num / (1.0 + e), 0.0)
+        if ACCURATE:  # 1 / (1 + e) refined by one Newton step (fma: exact residual on a GPU)
+            d = 1.0 + e
+            q = 1.0 / d
+            g = tl.where(valid, num * tl.fma(q, tl.fma(-d, q, 1.0), q), 0.0)
+        else:
+            g = tl.where(valid, num / (1.0 + e), 0.0)
     return loss, g
 
 
@@ -272,7 +333,7 @@ def _clip_fwd_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rmax_ptr, rsum_ptr, cmax
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Bt
             x = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False) * scale
             # Rows: online log-sum-exp over the band's columns (two exps per logit in all: a shared tile max
             # would underflow rows far below the tile's top row, scale 100 spreads logits over ~200).
             xr = tl.where(n_ok[None, :], x, float("-inf"))
@@ -368,10 +429,14 @@ def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
     for n0 in range(0, Bt, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Bt
+        # SigLIP's scalar sums cancel (see _dots_tile and _siglip_tile): split dots and accurate fp32 terms here,
+        # where they are summed (the column side's G only feeds grad_cols). ptxas sm_90a, fp32 64 x 64 tiles:
+        # spills 480 -> 1004 bytes with 4 warps, 0 -> 64 with 8.
         dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, SIGLIP)
         if SIGLIP:
-            l, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, True)
+            l, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, True,
+                                PRECISION == "ieee")
             if first:
                 loss += tl.sum(l, axis=1)
         else:
@@ -417,9 +482,9 @@ def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_p
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Bi
         dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
         if SIGLIP:
-            _, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, False, True)
+            _, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, False, True, False)
         else:
             gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
             rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
@@ -455,8 +520,8 @@ def _siglip_loss_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, part_ptr, Bi, Bt, D, 
             offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Bt
             dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-            loss, _ = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, False)
+                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
+            loss, _ = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, False, False)
             row_loss += tl.sum(loss, axis=1)
         tl.store(part_ptr + band_c.to(tl.int64) * Bi + offs_m, row_loss, mask=m_ok)
 
@@ -563,7 +628,7 @@ def _clip_forward(rows, cols, scale, bias, label_offset: int):
 
 def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = False, label_offset: int = 0,
                row_lse=None, col_lse=None, grad_row=None, grad_col=None, grad_pos=None):
-    """(grad_rows, grad_cols, grad_scale, grad_bias, per-row loss or None) from the two gradient kernels."""
+    """(grad_rows, grad_cols, grad_scale, grad_bias, SigLIP's loss sum or None) from the two gradient kernels."""
     bi, d = rows.shape
     bt = cols.shape[0]
     bm, bn, bd, bdo, warps, stages = _blocks("backward", bi, bt, d, rows.dtype)
@@ -583,7 +648,10 @@ def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = F
     _bwd_rows_kernel[(triton.cdiv(bi, bm), triton.cdiv(d, bdo))](*ptrs, grad_rows, row_stats[0], row_stats[1],
                                                                  row_stats[2], *sizes, **common)
     _bwd_cols_kernel[(triton.cdiv(bt, bn), triton.cdiv(d, bdo))](*ptrs, grad_cols, *sizes, **common)
-    return grad_rows, grad_cols, row_stats[0].sum(), row_stats[1].sum(), row_stats[2] if siglip else None
+    # The per-row partials add up in fp64 (a fixed-order torch reduction, deterministic): their fp32 sum moved
+    # SigLIP's bias gradient by 2e-6 of its value at B=128, scale 100 (interpreter), where it cancels 640-fold.
+    sums = row_stats.double().sum(1)
+    return grad_rows, grad_cols, sums[0].float(), sums[1].float(), sums[2].float() if siglip else None
 
 
 # ---- the operators -------------------------------------------------------------------------------
@@ -641,8 +709,8 @@ def siglip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale
     bt = cols.shape[0]
     with device_guard(rows):
         if compute_grad:
-            gr, gc, gs, gb, row_loss = _gradients(rows, cols, scale, bias, siglip=True, has_positives=has_positives)
-            return row_loss.sum(), gr, gc, gs, gb
+            gr, gc, gs, gb, loss_sum = _gradients(rows, cols, scale, bias, siglip=True, has_positives=has_positives)
+            return loss_sum, gr, gc, gs, gb
         (bm, bn, bd, _, warps, stages), (nb_r, nb_c), shapes = _forward_plan("siglip", bi, bt, d, rows.dtype)
         part = torch.empty(shapes["row_loss_partials"], device=rows.device, dtype=torch.float32)
         _siglip_loss_kernel[(nb_r * nb_c,)](
