@@ -216,8 +216,8 @@ def _check_only(only) -> set[str] | None:
     names = {only} if isinstance(only, str) else set(only)
     unknown = sorted(repr(n) for n in names if not (isinstance(n, str) and n in ONLY_NAMES))
     if unknown:
-        raise ValueError(f"mmfast.patch: only= has unknown names {', '.join(unknown)}; expected mmfast.nn drop-in class names "
-                         f"or package names from {list(ONLY_NAMES)}")
+        raise ValueError(f"mmfast.patch: only= has unknown names {', '.join(unknown)}; expected mmfast.nn drop-in "
+                         f"class names or package names from {list(ONLY_NAMES)}")
     return names
 
 

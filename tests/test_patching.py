@@ -1,10 +1,11 @@
-"""mmfast.patch / unpatch and patch_open_clip against the real upstream packages (requirements.txt pins them),
-built small with random weights (no download): outputs and every gradient of the patched model vs the unpatched
-one in float64 (test_sam_attention.check: mmfast.testing's fp32 rule), Parameter identity, hooks, train/eval
-mode, state_dict both ways, what is left alone and why, unpatch, SamPredictor and SamAutomaticMaskGenerator
-end to end, an open_clip training step with the patched losses, and examples/ run small. open_flamingo cannot be installed next to
-torch 2.14 (it pins torch 2.0.1): its family runs on stand-ins that carry open_flamingo's module path and
-class names over mmfast.reference's mirror of open_flamingo 2.0.1.
+"""mmfast.patch / unpatch and patch_open_clip against the real upstream packages (requirements.txt pins them,
+so a missing one fails here rather than skipping), built small with random weights (no download): outputs and
+every gradient of the patched model vs the unpatched one in float64 (test_sam_attention.check: mmfast.testing's
+fp32 rule), Parameter identity, hooks, train/eval mode, state_dict both ways, what is left alone and why,
+unpatch, SamPredictor and SamAutomaticMaskGenerator end to end, an open_clip training step with the patched
+losses, and examples/ run small. open_flamingo cannot be installed next to torch 2.14 (it pins torch 2.0.1):
+its family runs on stand-ins that carry open_flamingo's module path and class names over mmfast.reference's
+mirror of open_flamingo 2.0.1.
 """
 import copy
 import importlib
@@ -26,13 +27,12 @@ from mmfast.nn import sam_attention as fused_sam
 from mmfast.reference import perceiver as ref_perceiver
 from test_sam_attention import check, randomized
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import flamingo_pytorch
+import open_clip
+import sam2.modeling.sam.transformer as sam2_transformer
+from segment_anything.modeling import transformer as sam_transformer
 
-segment_anything = pytest.importorskip("segment_anything")
-sam2_transformer = pytest.importorskip("sam2.modeling.sam.transformer")
-flamingo_pytorch = pytest.importorskip("flamingo_pytorch")
-open_clip = pytest.importorskip("open_clip")
-from segment_anything.modeling import transformer as sam_transformer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import clip_train  # noqa: E402  (examples/)
 import sam_automatic_masks as sam_example  # noqa: E402
@@ -40,11 +40,11 @@ import zero_shot  # noqa: E402
 from clip_train import loss_args  # noqa: E402
 
 SAM_FAMILIES = {"segment_anything": sam_transformer, "sam2": sam2_transformer}
-SAM_DRAWN = dict(depth=2, embedding_dim=64, num_heads=2, mlp_dim=96)  # head dims 32 and 16: the kernels' range
+SAM_SIZES = dict(depth=2, embedding_dim=64, num_heads=2, mlp_dim=96)  # head dims 32 and 16: the kernels' range
 
 
 def sam_transformer_pair(family, seed=0):
-    model = randomized(SAM_FAMILIES[family].TwoWayTransformer(**SAM_DRAWN), seed)
+    model = randomized(SAM_FAMILIES[family].TwoWayTransformer(**SAM_SIZES), seed)
     return model, copy.deepcopy(model)
 
 
@@ -154,9 +154,9 @@ def test_state_dict_round_trips_both_ways():
     model, upstream = sam_transformer_pair("sam2", seed=3)
     mmfast.patch(model)
     assert list(model.state_dict()) == list(upstream.state_dict())
-    fresh = sam2_transformer.TwoWayTransformer(**SAM_DRAWN)
+    fresh = sam2_transformer.TwoWayTransformer(**SAM_SIZES)
     fresh.load_state_dict(model.state_dict(), strict=True)  # patched -> upstream
-    target = sam2_transformer.TwoWayTransformer(**SAM_DRAWN)
+    target = sam2_transformer.TwoWayTransformer(**SAM_SIZES)
     mmfast.patch(target)
     target.load_state_dict(fresh.state_dict(), strict=True)  # upstream -> patched
     with torch.no_grad():
@@ -298,7 +298,8 @@ def open_flamingo_classes():
     except ImportError:
         pass
     helpers = types.SimpleNamespace()
-    attention = type("PerceiverAttention", (ref_perceiver.PerceiverAttention,), {"__module__": "open_flamingo.src.helpers"})
+    attention = type("PerceiverAttention", (ref_perceiver.PerceiverAttention,),
+                     {"__module__": "open_flamingo.src.helpers"})
     resampler = type("PerceiverResampler", (ref_perceiver.OpenFlamingoPerceiverResampler,),
                      {"__module__": "open_flamingo.src.helpers", "attention_cls": attention})
     helpers.PerceiverAttention, helpers.PerceiverResampler = attention, resampler
@@ -425,6 +426,7 @@ def test_example_zero_shot(tmp_path):
     assert agree == 1.0 and [r[0] for r in rows] == ["open_clip", "mmfast"]
     torch.save(torch.randn(6, 16), tmp_path / "img.pt")
     torch.save(torch.randn(3, 2, 16), tmp_path / "txt.pt")
-    agree, _ = zero_shot.main(["--image-features", str(tmp_path / "img.pt"), "--text-features", str(tmp_path / "txt.pt"),
+    agree, _ = zero_shot.main(["--image-features", str(tmp_path / "img.pt"),
+                               "--text-features", str(tmp_path / "txt.pt"),
                                "--timing-batch", "64"])
     assert agree == 1.0
