@@ -7,7 +7,6 @@
 // inputs, one thread, 2-core dev CPU, took 11.5 us per call with it and 6.0 us with this (the overhead guard:
 // tests/test_overhead.py). The Triton operators (mmfast/triton) keep their Python autograd (mmfast/ops).
 // Schemas: csrc/mmfast.cpp.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -16,19 +15,15 @@
 #include <tuple>
 #include <utility>
 
+#include "mmfast/operators.h"
+
 namespace mmfast {
 namespace {
 
-using at::Tensor;
+using namespace mmfast::ops;  // NOLINT: the operator handles and signature types
 using std::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// mmfast::<name> as a typed dispatcher handle (call sites keep it in a function-local static: one lookup).
-template <class Sig>
-c10::TypedOperatorHandle<Sig> lookup(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 bool requires_grad(const optional<Tensor>& t) { return t.has_value() && requires_grad(*t); }
@@ -37,23 +32,24 @@ bool requires_grad(const T&) { return false; }
 
 optional<Tensor> maybe(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
-// Runs a forward operator below autograd (its CPU/CUDA/Meta kernel) and returns its outputs as a list.
+// Runs Fn's forward operator below autograd (its CPU/CUDA/Meta kernel) and returns its outputs as a list.
 template <class Fn, class... A>
 variable_list forward_below_autograd(const A&... args) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  return std::apply([](auto&&... out) { return variable_list{std::move(out)...}; }, Fn::op().call(args...));
+  return std::apply([](auto&&... out) { return variable_list{std::move(out)...}; },
+                    Fn::Forward::handle().call(args...));
 }
 
-// The Autograd kernel of operator Fn::op() with signature R(A...), R a tuple of tensors. Without a
-// gradient to record it goes straight below autograd (no graph node); otherwise through Function<Fn>.
-template <class Fn, class Sig>
+// The Autograd kernel of Fn::Forward (signature R(A...), R a tuple of tensors). Without a gradient to record
+// it goes straight below autograd (no graph node); otherwise through Function<Fn>.
+template <class Fn, class Sig = typename Fn::Forward::Signature>
 struct AutogradKernel;
 template <class Fn, class R, class... A>
 struct AutogradKernel<Fn, R(A...)> {
   static R call(A... args) {
     if (!at::GradMode::is_enabled() || !(requires_grad(args) || ...)) {
       at::AutoDispatchBelowADInplaceOrView guard;
-      return Fn::op().call(args...);
+      return Fn::Forward::handle().call(args...);
     }
     variable_list out = torch::autograd::Function<Fn>::apply(args...);
     return [&]<size_t... I>(std::index_sequence<I...>) { return R(std::move(out[I])...); }(
@@ -62,21 +58,11 @@ struct AutogradKernel<Fn, R(A...)> {
 };
 
 // ---- similarity_softmax / similarity_topk --------------------------------------------------------------
-using Tensor2 = std::tuple<Tensor, Tensor>;
-using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
-using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using OptTensor = const optional<Tensor>&;
-
-using SimilaritySig = Tensor3(const Tensor&, const Tensor&, const Tensor&, OptTensor, bool, c10::string_view);
-struct SimilaritySoftmax : torch::autograd::Function<SimilaritySoftmax> {
-  static const c10::TypedOperatorHandle<SimilaritySig>& op() {
-    static const auto handle = lookup<SimilaritySig>("mmfast::similarity_softmax");
-    return handle;
-  }
+struct SimilaritySoftmaxFn : torch::autograd::Function<SimilaritySoftmaxFn> {
+  using Forward = SimilaritySoftmax;
   static variable_list forward(AutogradContext* ctx, const Tensor& image, const Tensor& text, const Tensor& scale,
                                OptTensor bias, bool normalize, c10::string_view activation) {
-    variable_list out = forward_below_autograd<SimilaritySoftmax>(image, text, scale, bias, normalize, activation);
+    variable_list out = forward_below_autograd<SimilaritySoftmaxFn>(image, text, scale, bias, normalize, activation);
     ctx->save_for_backward({out[0], image, text, out[1], out[2], scale});
     ctx->saved_data["normalize"] = normalize;
     ctx->saved_data["activation"] = std::string(activation);
@@ -85,26 +71,20 @@ struct SimilaritySoftmax : torch::autograd::Function<SimilaritySoftmax> {
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = lookup<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                           const Tensor&, const Tensor&, bool, c10::string_view)>(
-        "mmfast::similarity_softmax_backward");
     const variable_list s = ctx->get_saved_variables();
-    auto [gi, gt, gs, gb] = bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["normalize"].toBool(),
-                                     ctx->saved_data["activation"].toStringRef());
+    auto [gi, gt, gs, gb] = SimilaritySoftmaxBackward::handle().call(
+        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["normalize"].toBool(),
+        ctx->saved_data["activation"].toStringRef());
     return {gi, gt, gs.to(s[5].scalar_type()), ctx->saved_data["has_bias"].toBool() ? gb : Tensor(), Tensor(),
             Tensor()};
   }
 };
 
-using TopkSig = Tensor5(const Tensor&, const Tensor&, const Tensor&, OptTensor, bool, c10::string_view, int64_t);
-struct SimilarityTopk : torch::autograd::Function<SimilarityTopk> {
-  static const c10::TypedOperatorHandle<TopkSig>& op() {
-    static const auto handle = lookup<TopkSig>("mmfast::similarity_topk");
-    return handle;
-  }
+struct SimilarityTopkFn : torch::autograd::Function<SimilarityTopkFn> {
+  using Forward = SimilarityTopk;
   static variable_list forward(AutogradContext* ctx, const Tensor& image, const Tensor& text, const Tensor& scale,
                                OptTensor bias, bool normalize, c10::string_view activation, int64_t k) {
-    variable_list out = forward_below_autograd<SimilarityTopk>(image, text, scale, bias, normalize, activation, k);
+    variable_list out = forward_below_autograd<SimilarityTopkFn>(image, text, scale, bias, normalize, activation, k);
     ctx->save_for_backward({out[0], out[1], out[2], image, text, out[3], out[4], scale, bias.value_or(Tensor())});
     ctx->saved_data["normalize"] = normalize;
     ctx->saved_data["activation"] = std::string(activation);
@@ -112,64 +92,47 @@ struct SimilarityTopk : torch::autograd::Function<SimilarityTopk> {
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd =
-        lookup<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                       const Tensor&, const Tensor&, const Tensor&, OptTensor, bool, c10::string_view)>(
-            "mmfast::similarity_topk_backward");
     const variable_list s = ctx->get_saved_variables();
     const optional<Tensor> bias = maybe(s[8]);
-    auto [gi, gt, gs, gb] = bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], bias,
-                                     ctx->saved_data["normalize"].toBool(), ctx->saved_data["activation"].toStringRef());
+    auto [gi, gt, gs, gb] = SimilarityTopkBackward::handle().call(
+        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], bias, ctx->saved_data["normalize"].toBool(),
+        ctx->saved_data["activation"].toStringRef());
     return {gi, gt, gs.to(s[7].scalar_type()), bias ? gb : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 // ---- cross_attention ------------------------------------------------------------------------------------
-using CrossAttentionSig = Tensor2(const Tensor&, const Tensor&, const Tensor&, OptTensor, OptTensor, double);
-struct CrossAttention : torch::autograd::Function<CrossAttention> {
-  static const c10::TypedOperatorHandle<CrossAttentionSig>& op() {
-    static const auto handle = lookup<CrossAttentionSig>("mmfast::cross_attention");
-    return handle;
-  }
+struct CrossAttentionFn : torch::autograd::Function<CrossAttentionFn> {
+  using Forward = CrossAttention;
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v, OptTensor k2,
                                OptTensor v2, double scale) {
-    variable_list out = forward_below_autograd<CrossAttention>(q, k, v, k2, v2, scale);
+    variable_list out = forward_below_autograd<CrossAttentionFn>(q, k, v, k2, v2, scale);
     ctx->save_for_backward({q, k, v, k2.value_or(Tensor()), v2.value_or(Tensor()), out[0], out[1]});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({out[1]});
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = lookup<Tensor5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, OptTensor,
-                                           OptTensor, const Tensor&, const Tensor&, double)>(
-        "mmfast::cross_attention_backward");
     const variable_list s = ctx->get_saved_variables();
-    auto [gq, gk, gv, gk2, gv2] =
-        bwd.call(grads[0], s[0], s[1], s[2], maybe(s[3]), maybe(s[4]), s[5], s[6], ctx->saved_data["scale"].toDouble());
+    auto [gq, gk, gv, gk2, gv2] = CrossAttentionBackward::handle().call(
+        grads[0], s[0], s[1], s[2], maybe(s[3]), maybe(s[4]), s[5], s[6], ctx->saved_data["scale"].toDouble());
     const bool second_segment = s[3].defined();  // else grad_k2/grad_v2 are empty placeholders
     return {gq, gk, gv, second_segment ? gk2 : Tensor(), second_segment ? gv2 : Tensor(), Tensor()};
   }
 };
 
 // ---- contrastive losses ---------------------------------------------------------------------------------
-using ClipSig = Tensor3(const Tensor&, const Tensor&, const Tensor&, OptTensor, int64_t);
-struct ClipLossBlock : torch::autograd::Function<ClipLossBlock> {
-  static const c10::TypedOperatorHandle<ClipSig>& op() {
-    static const auto handle = lookup<ClipSig>("mmfast::clip_loss_block");
-    return handle;
-  }
+struct ClipLossBlockFn : torch::autograd::Function<ClipLossBlockFn> {
+  using Forward = ClipLossBlock;
   static variable_list forward(AutogradContext* ctx, const Tensor& rows, const Tensor& cols, const Tensor& scale,
                                OptTensor bias, int64_t label_offset) {
-    variable_list out = forward_below_autograd<ClipLossBlock>(rows, cols, scale, bias, label_offset);
+    variable_list out = forward_below_autograd<ClipLossBlockFn>(rows, cols, scale, bias, label_offset);
     ctx->save_for_backward({rows, cols, scale, bias.value_or(Tensor()), out[0], out[1]});
     ctx->saved_data["label_offset"] = label_offset;
     ctx->set_materialize_grads(false);  // an unused output (col_lse of the local loss) costs no exp pass
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd =
-        lookup<Tensor4(const Tensor&, const Tensor&, const Tensor&, OptTensor, int64_t, const Tensor&, const Tensor&,
-                       OptTensor, OptTensor, OptTensor)>("mmfast::clip_loss_block_backward");
     if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) {
       return variable_list(5);
     }
@@ -177,27 +140,25 @@ struct ClipLossBlock : torch::autograd::Function<ClipLossBlock> {
     const at::ScalarType stats = s[4].scalar_type();
     auto as_stats = [&](const Tensor& g) { return g.defined() ? optional<Tensor>(g.to(stats)) : std::nullopt; };
     const optional<Tensor> bias = maybe(s[3]);
-    auto [gr, gc, gs, gb] = bwd.call(s[0], s[1], s[2], bias, ctx->saved_data["label_offset"].toInt(), s[4], s[5],
-                                     as_stats(grads[0]), as_stats(grads[1]), as_stats(grads[2]));
+    auto [gr, gc, gs, gb] =
+        ClipLossBlockBackward::handle().call(s[0], s[1], s[2], bias, ctx->saved_data["label_offset"].toInt(), s[4],
+                                             s[5], as_stats(grads[0]), as_stats(grads[1]), as_stats(grads[2]));
     return {gr, gc, gs.to(s[2].scalar_type()), bias ? gb.to(bias->scalar_type()) : Tensor(), Tensor()};
   }
 };
 
 // The forward pass already computed the gradients of the loss sum: the backward only scales them.
-using SiglipSig = Tensor5(const Tensor&, const Tensor&, const Tensor&, OptTensor, bool, bool);
-struct SiglipLossBlock : torch::autograd::Function<SiglipLossBlock> {
-  static const c10::TypedOperatorHandle<SiglipSig>& op() {
-    static const auto handle = lookup<SiglipSig>("mmfast::siglip_loss_block");
-    return handle;
-  }
+struct SiglipLossBlockFn : torch::autograd::Function<SiglipLossBlockFn> {
+  using Forward = SiglipLossBlock;
   static variable_list forward(AutogradContext* ctx, const Tensor& rows, const Tensor& cols, const Tensor& scale,
                                OptTensor bias, bool has_positives, bool compute_grad) {
-    variable_list out = forward_below_autograd<SiglipLossBlock>(rows, cols, scale, bias, has_positives, compute_grad);
+    variable_list out =
+        forward_below_autograd<SiglipLossBlockFn>(rows, cols, scale, bias, has_positives, compute_grad);
     ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
     ctx->save_for_backward({out[1], out[2], out[3], out[4]});
     ctx->saved_data["compute_grad"] = compute_grad;
     ctx->saved_data["scale_dtype"] = scale.scalar_type();
-    ctx->saved_data["bias_dtype"] = bias ? std::optional<at::ScalarType>(bias->scalar_type()) : std::nullopt;
+    ctx->saved_data["bias_dtype"] = bias ? optional<at::ScalarType>(bias->scalar_type()) : std::nullopt;
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -217,9 +178,9 @@ struct SiglipLossBlock : torch::autograd::Function<SiglipLossBlock> {
 
 TORCH_LIBRARY_IMPL(mmfast, Autograd, m) {
   using namespace mmfast;
-  m.impl("similarity_softmax", &AutogradKernel<SimilaritySoftmax, SimilaritySig>::call);
-  m.impl("similarity_topk", &AutogradKernel<SimilarityTopk, TopkSig>::call);
-  m.impl("cross_attention", &AutogradKernel<CrossAttention, CrossAttentionSig>::call);
-  m.impl("clip_loss_block", &AutogradKernel<ClipLossBlock, ClipSig>::call);
-  m.impl("siglip_loss_block", &AutogradKernel<SiglipLossBlock, SiglipSig>::call);
+  m.impl("similarity_softmax", &AutogradKernel<SimilaritySoftmaxFn>::call);
+  m.impl("similarity_topk", &AutogradKernel<SimilarityTopkFn>::call);
+  m.impl("cross_attention", &AutogradKernel<CrossAttentionFn>::call);
+  m.impl("clip_loss_block", &AutogradKernel<ClipLossBlockFn>::call);
+  m.impl("siglip_loss_block", &AutogradKernel<SiglipLossBlockFn>::call);
 }
