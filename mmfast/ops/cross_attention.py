@@ -31,9 +31,11 @@ import importlib.util
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from mmfast import backend as _backend
-from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor
+from mmfast.ops import _eager
+from mmfast.ops._checks import check_dim_match, check_same_device_dtype, tensor_shape
 from mmfast.reference.perceiver import perceiver_cross_attention as _reference
 
 OP = "cross_attention"
@@ -114,6 +116,49 @@ IMPLEMENTATIONS = tuple(name for name, present in (
 ) if present)
 
 
+# Each kernel backend's forward operator, looked up once (an attribute walk through torch.ops per call cost
+# ~0.5 us), and its eager entry point (None for Triton's custom op).
+_KERNELS = {impl: (getattr(torch.ops.mmfast, (_TRITON if impl == "triton" else _NATIVE)[0]).default,
+                   None if impl == "triton" else _eager.entry(_NATIVE[0]))
+            for impl in IMPLEMENTATIONS if impl != "reference"}
+_SHARED_DIMS = ((0, "batch size B"), (1, "number of heads H"), (3, "head dim d"))
+
+
+def _segment_fits(qs, device, dtype, k, v, ks, vs) -> bool:
+    """k and v on q's device, in q's dtype, of one shape [B, H, L, d] with q's B, H and d."""
+    return (k.device == device and v.device == device and k.dtype == dtype and v.dtype == dtype
+            and ks == vs and ks[0] == qs[0] and ks[1] == qs[1] and ks[3] == qs[3])
+
+
+def _check_inputs(q, k, v, k2, v2) -> tuple[torch.device, int]:
+    """Errors name the argument; returns (device, head dim). Devices, dtypes and sizes are compared at once
+    (each tensor attribute read costs ~0.1 us, and a tiny call takes ~10 us); only where they differ do the
+    walks with check_same_device_dtype and check_dim_match run, which name the first mismatch."""
+    qs, ks, vs = tensor_shape("q", q, 4), tensor_shape("k", k, 4), tensor_shape("v", v, 4)
+    device, dtype = q.device, q.dtype
+    if k2 is None and v2 is None:
+        if _segment_fits(qs, device, dtype, k, v, ks, vs):
+            return device, qs[3]
+        named = (("k", k), ("v", v))
+    else:
+        if k2 is None or v2 is None:
+            given, missing = ("k2", "v2") if v2 is None else ("v2", "k2")
+            raise ValueError(f"mmfast: {given} was given without {missing}; pass the second key/value segment's "
+                             "k2 and v2 together, or neither")
+        k2s, v2s = tensor_shape("k2", k2, 4), tensor_shape("v2", v2, 4)
+        if _segment_fits(qs, device, dtype, k, v, ks, vs) and _segment_fits(qs, device, dtype, k2, v2, k2s, v2s):
+            return device, qs[3]
+        named = (("k", k), ("v", v), ("k2", k2), ("v2", v2))
+    check_same_device_dtype(("q",) + tuple(name for name, _ in named), q, *(x for _, x in named))
+    for name, x in named:
+        for dim, what in _SHARED_DIMS:
+            check_dim_match("q", q, dim, name, x, dim, what)
+    check_dim_match("k", k, 2, "v", v, 2, "number of keys Lk")
+    if k2 is not None:
+        check_dim_match("k2", k2, 2, "v2", v2, 2, "number of keys Lk2")
+    return device, qs[3]
+
+
 # ---- the public function ------------------------------------------------------------------------------
 def cross_attention(q, k, v, *, k2=None, v2=None, scale=None, backend=None):
     """Fused `softmax(scale * q @ cat(k, k2)^T) @ cat(v, v2)` with online softmax (fp32 statistics).
@@ -126,39 +171,29 @@ def cross_attention(q, k, v, *, k2=None, v2=None, scale=None, backend=None):
     kernels its memory is [B, Lq, H, d], so `out.transpose(1, 2).reshape(B, Lq, H * d)` is a view.
     Gradients for q, k, v, k2, v2 come from one fused backward kernel.
     """
-    q = check_tensor("q", q, 4)
-    k = check_tensor("k", k, 4)
-    v = check_tensor("v", v, 4)
-    if (k2 is None) != (v2 is None):
-        given, missing = ("k2", "v2") if v2 is None else ("v2", "k2")
-        raise ValueError(f"mmfast: {given} was given without {missing}; pass the second key/value segment's "
-                         "k2 and v2 together, or neither")
-    named = [("k", k), ("v", v)]
-    if k2 is not None:
-        named += [("k2", check_tensor("k2", k2, 4)), ("v2", check_tensor("v2", v2, 4))]
-    check_same_device_dtype(("q",) + tuple(n for n, _ in named), q, *(x for _, x in named))
-    for name, x in named:
-        check_dim_match("q", q, 0, name, x, 0, "batch size B")
-        check_dim_match("q", q, 1, name, x, 1, "number of heads H")
-        check_dim_match("q", q, 3, name, x, 3, "head dim d")
-    check_dim_match("k", k, 2, "v", v, 2, "number of keys Lk")
-    if k2 is not None:
-        check_dim_match("k2", k2, 2, "v2", v2, 2, "number of keys Lk2")
-    head_dim = q.shape[-1]
+    device, head_dim = _check_inputs(q, k, v, k2, v2)
     if scale is None:
         scale = head_dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"mmfast: scale must be a float (or None for d ** -0.5), got {type(scale).__name__}")
+    elif type(scale) is not float:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"mmfast: scale must be a float (or None for d ** -0.5), got {type(scale).__name__}")
+        scale = float(scale)
 
-    requested = backend if backend is not None else _backend.get_backend()
-    impl = _backend.resolve(OP, IMPLEMENTATIONS, q.device, q.dtype, backend)
-    if impl != "reference" and not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
-        if requested != "auto":
+    impl = _backend.resolve(OP, IMPLEMENTATIONS, device, q.dtype, backend)
+    if impl in _KERNELS and not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
+        if (backend if backend is not None else _backend.get_backend()) != "auto":
             raise _backend.BackendUnavailableError(
                 f"mmfast: backend {impl!r} runs head dims {HEAD_DIMS[0]}..{HEAD_DIMS[1]}; q has head dim "
                 f"d={head_dim} (shape {tuple(q.shape)}); use backend='reference'")
         impl = "reference"
-    if impl == "reference":
-        return _reference(q, k, v, k2, v2, scale=float(scale))
-    names = _TRITON if impl == "triton" else _NATIVE
-    return getattr(torch.ops.mmfast, names[0])(q, k, v, k2, v2, float(scale))[0]
+    kernel = _KERNELS.get(impl)
+    if kernel is not None:
+        op, eager = kernel
+        if eager is not None and _eager.usable((q, k, v, k2, v2)):
+            return eager(q, k, v, k2, v2, scale)
+        return op(q, k, v, k2, v2, scale)[0]
+    if impl == _backend.UPSTREAM:  # upstream's own computation (benchmarks/cross_attention.py's eager baseline)
+        if k2 is not None:
+            k, v = torch.cat((k, k2), dim=-2), torch.cat((v, v2), dim=-2)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return _reference(q, k, v, k2, v2, scale=scale)

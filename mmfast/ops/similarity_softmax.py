@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mmfast import backend as _backend
+from mmfast.ops import _eager
 from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor, scalar_tensor
 from mmfast.reference import similarity_softmax as _ref
 
@@ -90,12 +91,18 @@ def _register_fakes(names):
         torch.library.register_fake(f"mmfast::{name}")(fake)
 
 
+# Each kernel backend's operators, looked up once (a walk through torch.ops per call cost ~0.5 us), and the
+# eager entry points of its forward and top-k operators (None for Triton's custom ops).
+_KERNELS = {}
 if _backend._C is not None:
     _register_fakes(_NATIVE)
+    _KERNELS["cpu"] = _KERNELS["cuda"] = (tuple(getattr(torch.ops.mmfast, n).default for n in _NATIVE),
+                                          _eager.entry(_NATIVE[0]), _eager.entry(_NATIVE[2]))
 if _backend._triton_error is None:
     import mmfast.triton.similarity_softmax  # noqa: F401  (defines the mmfast::*_triton custom ops)
     _register_fakes(_TRITON)
     _register_autograd(_TRITON)
+    _KERNELS["triton"] = (tuple(getattr(torch.ops.mmfast, n).default for n in _TRITON), None, None)
 
 
 # ---- the public function -------------------------------------------------------------------------
@@ -125,13 +132,21 @@ def similarity_softmax(image_features, text_features, logit_scale=100.0, logit_b
     scale = scalar_tensor("logit_scale", logit_scale, image)
     bias = None if logit_bias is None else scalar_tensor("logit_bias", logit_bias, image)
 
-    impl = _backend.resolve(OP, IMPLEMENTATIONS, image.device, image.dtype, backend)
-    if impl == "reference":
+    # The top-k mode is ranked apart in the dispatch table (other kernels win there).
+    impl = _backend.resolve(OP, IMPLEMENTATIONS, image.device, image.dtype, backend,
+                            shape_class=None if topk is None else "topk")
+    # "upstream": no kernel beat upstream on this device; the reference is upstream's computation line by line.
+    if impl == "reference" or impl == _backend.UPSTREAM:
         if topk is not None:
             return _ref.similarity_topk(image, text, scale, bias, normalize, activation, topk)
         return _ref.similarity_softmax(image, text, scale, bias, normalize, activation)
-    names = _TRITON if impl == "triton" else _NATIVE
+    ops, eager_forward, eager_topk = _KERNELS[impl]
+    eager = (eager_forward if topk is None else eager_topk) if _eager.usable((image, text, scale, bias)) else None
     if topk is not None:
-        values, indices, *_ = getattr(torch.ops.mmfast, names[2])(image, text, scale, bias, normalize, activation, topk)
+        if eager is not None:
+            return eager(image, text, scale, bias, normalize, activation, topk)
+        values, indices, *_ = ops[2](image, text, scale, bias, normalize, activation, topk)
         return values, indices
-    return getattr(torch.ops.mmfast, names[0])(image, text, scale, bias, normalize, activation)[0]
+    if eager is not None:
+        return eager(image, text, scale, bias, normalize, activation)
+    return ops[0](image, text, scale, bias, normalize, activation)[0]
