@@ -25,10 +25,14 @@ using std::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
-bool requires_grad(const optional<Tensor>& t) { return t.has_value() && requires_grad(*t); }
+// Whether autograd must see an argument: it requires grad (in grad mode), or carries a forward-mode tangent
+// (which Function::apply rejects with an error, rather than the tangent being dropped).
+bool tracked(const Tensor& t, bool grad_mode) {
+  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+}
+bool tracked(const optional<Tensor>& t, bool grad_mode) { return t.has_value() && tracked(*t, grad_mode); }
 template <class T>
-bool requires_grad(const T&) { return false; }
+bool tracked(const T&, bool) { return false; }
 
 optional<Tensor> maybe(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
@@ -40,14 +44,15 @@ variable_list forward_below_autograd(const A&... args) {
                     Fn::Forward::handle().call(args...));
 }
 
-// The Autograd kernel of Fn::Forward (signature R(A...), R a tuple of tensors). Without a gradient to record
-// it goes straight below autograd (no graph node); otherwise through Function<Fn>.
+// The Autograd kernel of Fn::Forward (signature R(A...), R a tuple of tensors). With nothing for autograd to
+// record it goes straight below autograd (no graph node); otherwise through Function<Fn>.
 template <class Fn, class Sig = typename Fn::Forward::Signature>
 struct AutogradKernel;
 template <class Fn, class R, class... A>
 struct AutogradKernel<Fn, R(A...)> {
   static R call(A... args) {
-    if (!at::GradMode::is_enabled() || !(requires_grad(args) || ...)) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    if (!(tracked(args, grad_mode) || ...)) {
       at::AutoDispatchBelowADInplaceOrView guard;
       return Fn::Forward::handle().call(args...);
     }
