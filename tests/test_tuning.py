@@ -189,3 +189,34 @@ def test_a_shape_class_is_ranked_apart(cpu_table):
     assert backend.resolve("similarity_softmax", impls, cpu, torch.float32) == "cpu"
     assert backend.resolve("similarity_softmax", impls, cpu, torch.float32, shape_class="topk") == "upstream"
     assert backend.resolve("similarity_softmax", impls, cpu, torch.float32, shape_class="other") == "cpu"
+
+
+def test_ops_run_upstreams_computation_where_the_table_says_so(cpu_table, monkeypatch):
+    """cross_attention: cat + SDPA, bit for bit (the bench's eager baseline); the other ops: their reference.
+    similarity_softmax's top-k calls follow their own entry ("similarity_softmax:topk")."""
+    import torch.nn.functional as F
+
+    import mmfast
+    from mmfast.reference import contrastive_loss as ref_loss
+    from mmfast.reference import similarity_softmax as ref_sim
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, k2, v2 = (torch.randn(2, 3, n, 16, generator=gen) for n in (5, 9, 9, 4, 4))
+    cpu_table(_table(cross_attention={"float32": ["upstream"]}, clip_loss={"float32": ["upstream"]},
+                     similarity_softmax={"float32": ["cpu", "upstream"]},
+                     **{"similarity_softmax:topk": {"float32": ["upstream"]}}))
+    want = F.scaled_dot_product_attention(q, torch.cat((k, k2), -2), torch.cat((v, v2), -2), scale=0.3)
+    assert torch.equal(mmfast.cross_attention(q, k, v, k2=k2, v2=v2, scale=0.3), want)
+    assert torch.equal(mmfast.cross_attention(q, k, v, scale=0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3))
+
+    image, text = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    assert torch.equal(mmfast.clip_loss(image, text, 10.0), ref_loss.clip_loss(image, text, 10.0))
+
+    ran = []
+    for name in ("similarity_softmax", "similarity_topk"):
+        real = getattr(ref_sim, name)
+        monkeypatch.setattr(ref_sim, name, lambda *a, _real=real, _name=name, **kw: ran.append(_name) or _real(*a, **kw))
+    mmfast.similarity_softmax(image, text, 10.0)  # the C++ kernel: the reference is not called
+    assert ran == []
+    mmfast.similarity_softmax(image, text, 10.0, topk=2)
+    assert ran[:1] == ["similarity_topk"]  # (the reference top-k builds on the reference softmax)
