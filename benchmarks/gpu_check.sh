@@ -39,7 +39,7 @@ unset TRITON_INTERPRET  # Triton runs for real here
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-530} ))
-BENCH_RESERVE=260  # seconds kept for the benchmark stages, whatever came before
+BENCH_RESERVE=230  # seconds kept for the benchmark stages, whatever came before
 STATUS=()
 
 # stage NAME CAP LOGFILE CMD...: run CMD under timeout (CAP, or less to keep BENCH_RESERVE), output teed to LOGFILE.
@@ -153,30 +153,31 @@ stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py buil
 stage info 40 "$LOG" "$PY" -m mmfast info
 # "not emulated": tests/test_cuda_emulation.py runs the same kernels on CPU threads, for machines without a GPU.
 # -n 12: the whole selection took 127 s on an H200 (2026-12-04); no -x, so every failure is listed.
-stage pytest 200 "$OUT/pytest.log" env MMFAST_COVERAGE_GUARD=1 "$PY" -m pytest tests -q -k "cuda and not emulated" \
-    -n 12 --timeout 160 -p no:cacheprovider
+# -v: each test's verdict is logged as it ends, so a stage cut short by its cap still says what failed.
+stage pytest 240 "$OUT/pytest.log" env MMFAST_COVERAGE_GUARD=1 "$PY" -m pytest tests -v --tb=short \
+    -k "cuda and not emulated" -n 12 --timeout 160 -p no:cacheprovider
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
-    stage sanitizer 60 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    stage sanitizer 40 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" "$TMP/sanitize.py"
 else
     STATUS+=("sanitizer: SKIPPED (compute-sanitizer not found)")
     echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
 fi
-stage ceilings 30 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
+stage ceilings 20 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
 # One op at a time, each under its own cap (seconds; the 2026-12-04 run's quick cases took 13-90 s each;
 # clip_loss's B=65536 case alone needs ~60 s). A bench cut short still writes what it measured.
 PROVIDERS=${BENCH_PROVIDERS:-mmfast,mmfast-cuda,mmfast-triton,floor-gemm,floor-gemm+attn,eager-graph,mmfast-graph}
-for pair in ${BENCH_OPS:-sam_attention:50 perceiver_resampler:45 cross_attention:45 similarity_softmax:40 siglip_loss:25 clip_loss:70}; do
+for pair in ${BENCH_OPS:-sam_attention:45 perceiver_resampler:40 cross_attention:35 similarity_softmax:35 siglip_loss:20 clip_loss:50}; do
     op=${pair%%:*}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     stage "bench-$op" "${pair##*:}" "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --op "$op" \
         --providers "$PROVIDERS" --out "$OUT/results" ${BENCH_ARGS:-}
 done
-stage profile 40 "$OUT/profile.txt" "$PY" -m mmfast bench --quick --device cuda --op sam_attention \
+stage profile 25 "$OUT/profile.txt" "$PY" -m mmfast bench --quick --device cuda --op sam_attention \
     --op perceiver_resampler --providers mmfast --profile --out "$OUT/results"  # details: <op>-profile.txt in the tarball
 DEVICE_CLASS=$("$PY" -c "import torch; from mmfast import backend; print(backend._cuda_device_class(0)[0])" 2>/dev/null)
-stage tune 20 "$LOG" "$PY" -m mmfast tune "$OUT/results" \
+stage tune 15 "$LOG" "$PY" -m mmfast tune "$OUT/results" \
     --source "benchmarks/gpu_check.sh on $(date -u +%F): $("$PY" -c 'import torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}")' 2>/dev/null)"
 [ -n "$DEVICE_CLASS" ] && [ -f "mmfast/tuning/$DEVICE_CLASS.json" ] && cp "mmfast/tuning/$DEVICE_CLASS.json" "$OUT/"
 if [ -d "$OUT/results" ]; then  # one file back instead of two per op (and the runner's RESULTS.md)
