@@ -220,3 +220,18 @@ def test_ops_run_upstreams_computation_where_the_table_says_so(cpu_table, monkey
     assert ran == []
     mmfast.similarity_softmax(image, text, 10.0, topk=2)
     assert ran[:1] == ["similarity_topk"]  # (the reference top-k builds on the reference softmax)
+
+
+def test_inference_is_ranked_on_the_forward_measurements(cpu_table):
+    """A kernel faster in the forward (no_grad) mode but slower forward+backward takes auto only with autograd
+    off (H200 2026-12-04: the fp32 Perceiver on the CUDA core 1.93x forward, 0.78x full)."""
+    rows = [_row("eager", "a", "forward", 1.0), _row("mmfast-cpu", "a", "forward", 0.5, "cpu"),
+            _row("eager", "a", "full", 1.0), _row("mmfast-cpu", "a", "full", 1.3, "cpu")]
+    entry = tuning.choose(rows)["cross_attention"]["float32"]
+    assert entry["order"] == ["upstream"] and entry["inference_order"] == ["cpu", "upstream"]
+    cpu_table({"ops": {"perceiver_resampler": {"float32": {"order": entry["order"],
+                                                           "inference_order": entry["inference_order"]}}}})
+    cpu, impls = torch.device("cpu"), ("cpu", "reference")
+    assert backend.module_backend("perceiver_resampler", impls, cpu, torch.float32) == backend.UPSTREAM
+    with torch.no_grad():
+        assert backend.module_backend("perceiver_resampler", impls, cpu, torch.float32) == "cpu"

@@ -49,10 +49,8 @@ def check_dim_match(name_a: str, a: torch.Tensor, dim_a: int, name_b: str, b: to
                          f"but {name_b} has {b.shape[dim_b]} (shape {tuple(b.shape)})")
 
 
-def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A Python number, 0-dim or shape-[1] tensor as a 0-dim fp32 tensor on like's device.
-
-    Gradients flow back to a tensor argument through the reshape/cast (autograd views)."""
+def check_scalar(name: str, value, like: torch.Tensor) -> None:
+    """value is a Python number, or a 0-dim or shape-[1] floating tensor on like's device."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"mmfast: {name} must be a float, a 0-dim or a shape-[1] tensor, got shape {tuple(value.shape)}")
@@ -60,11 +58,19 @@ def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"mmfast: {name} must be a floating tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"mmfast: {name} is on {value.device} but the features are on {like.device}")
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"mmfast: {name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A Python number, 0-dim or shape-[1] tensor as a 0-dim fp32 tensor on like's device.
+
+    Gradients flow back to a tensor argument through the reshape/cast (autograd views)."""
+    check_scalar(name, value, like)
+    if isinstance(value, torch.Tensor):
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         if value.dim():
             value = value.reshape(())
         return value if value.dtype == dtype else value.to(dtype)  # no op call for the usual 0-dim fp32 scale
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.full((), float(value), dtype=dtype, device=like.device)
-    raise TypeError(f"mmfast: {name} must be a float or a tensor, got {type(value).__name__}")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.full((), float(value), dtype=dtype, device=like.device)

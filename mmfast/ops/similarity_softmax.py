@@ -13,7 +13,7 @@ import torch
 
 from mmfast import backend as _backend
 from mmfast.ops import _eager
-from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_tensor, scalar_tensor
+from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_scalar, check_tensor, scalar_tensor
 from mmfast.reference import similarity_softmax as _ref
 
 OP = "similarity_softmax"
@@ -129,14 +129,21 @@ def similarity_softmax(image_features, text_features, logit_scale=100.0, logit_b
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= text.shape[0]:
             raise ValueError(f"mmfast: topk must be an int in [1, C={text.shape[0]}], got {topk!r}")
-    scale = scalar_tensor("logit_scale", logit_scale, image)
-    bias = None if logit_bias is None else scalar_tensor("logit_bias", logit_bias, image)
-
     # The top-k mode is ranked apart in the dispatch table (other kernels win there).
     impl = _backend.resolve(OP, IMPLEMENTATIONS, image.device, image.dtype, backend,
                             shape_class=None if topk is None else "topk")
-    # "upstream": no kernel beat upstream on this device; the reference is upstream's computation line by line.
-    if impl == "reference" or impl == _backend.UPSTREAM:
+    if impl == _backend.UPSTREAM:
+        # No kernel beat upstream on this device: upstream's computation (the reference, line by line) on the
+        # scalars as given; no 0-dim tensor made of a Python scale, a launch upstream does not have.
+        check_scalar("logit_scale", logit_scale, image)
+        if logit_bias is not None:
+            check_scalar("logit_bias", logit_bias, image)
+        if topk is not None:
+            return _ref.similarity_topk(image, text, logit_scale, logit_bias, normalize, activation, topk)
+        return _ref.similarity_softmax(image, text, logit_scale, logit_bias, normalize, activation)
+    scale = scalar_tensor("logit_scale", logit_scale, image)
+    bias = None if logit_bias is None else scalar_tensor("logit_bias", logit_bias, image)
+    if impl == "reference":
         if topk is not None:
             return _ref.similarity_topk(image, text, scale, bias, normalize, activation, topk)
         return _ref.similarity_softmax(image, text, scale, bias, normalize, activation)
