@@ -35,8 +35,10 @@ from collections import defaultdict
 
 TABLE_DIR = os.path.dirname(os.path.abspath(__file__))
 UPSTREAM = "upstream"
-# A kernel takes `auto` only when eager / kernel >= this in every case and mode of its op and dtype.
-MIN_SPEEDUP = 1.0
+# A kernel takes `auto` only when eager / kernel >= this in every case and mode of its op and dtype. Not 1.0:
+# medians of one case moved by up to ~10% between two runs on the H200 (2026-12-04, the fp32 top-k backward:
+# 1.01x, then 0.91x), so a near-tie goes to upstream's own computation.
+MIN_SPEEDUP = 1.05
 _DTYPE_NAMES = {"float32", "float16", "bfloat16"}
 
 
