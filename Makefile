@@ -10,7 +10,7 @@ export SAM2_BUILD_CUDA = 0
 # Serialize concurrent builds in one tree (ninja in two processes would race on the .so).
 LOCK    := flock /tmp/mmfast-build-$(shell id -u).lock
 
-.PHONY: venv build cmake-test test bench clean
+.PHONY: venv build cmake-test test bench bench-full clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -31,7 +31,12 @@ cmake-test: venv
 test: build cmake-test
 	MMFAST_COVERAGE_GUARD=1 $(PY) -m pytest tests
 
+# The quick cases and sample budget (a few minutes on the 2-core CPU); bench-full adds the loss sweeps and the
+# full budget (about an hour there).
 bench: build
+	$(PY) -m mmfast bench --quick $(BENCH_ARGS)
+
+bench-full: build
 	$(PY) -m mmfast bench $(BENCH_ARGS)
 
 clean:

@@ -81,6 +81,7 @@ setup(
     name="mmfast",
     version=VERSION,
     packages=find_packages(include=["mmfast", "mmfast.*"]),
+    package_data={"mmfast.tuning": ["*.json"]},  # the dispatch tables of `auto` on GPUs
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
