@@ -23,7 +23,7 @@ from mmfast.ops.similarity_softmax import similarity_softmax  # noqa: E402
 
 # Loaded on first use, as torch.nn is after `import torch`: `import mmfast` then `mmfast.nn.ClipLoss` or
 # `mmfast.patch(model)` works without importing the submodules by hand.
-_LAZY = {"nn": ("mmfast.nn", None), "patch": ("mmfast.patching", "patch"), "unpatch": ("mmfast.patching", "unpatch"),
+_LAZY = {"nn": ("mmfast.nn", None), "analysis": ("mmfast.analysis", None), "patch": ("mmfast.patching", "patch"), "unpatch": ("mmfast.patching", "unpatch"),
          "patch_open_clip": ("mmfast.patching", "patch_open_clip"),
          "unpatch_open_clip": ("mmfast.patching", "unpatch_open_clip")}
 
@@ -43,4 +43,4 @@ def __dir__():
 
 
 __all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "sam_attention", "set_backend", "get_backend", "use_backend", "available_backends",
-           "BackendUnavailableError", "__version__", "nn", "patch", "unpatch", "patch_open_clip", "unpatch_open_clip"]
+           "BackendUnavailableError", "__version__", "nn", "analysis", "patch", "unpatch", "patch_open_clip", "unpatch_open_clip"]
