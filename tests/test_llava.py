@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_close_to_reference
+import mmfast.nn.llava as llava_module
 from mmfast.nn import LlavaProjector
 from mmfast.reference import llava as ref
 
@@ -78,6 +79,56 @@ def test_transformers_projector_bf16_and_odd_shapes():
     check_against_upstream(hf_config(), torch.float32, shape=(1, 2, 3))    # 4-D input
 
 
+@pytest.fixture
+def gelu_calls(monkeypatch):
+    """Counts the in-place GELU path's calls."""
+    calls = []
+    real = llava_module._gelu_inplace
+
+    def counting(h, approximate):
+        calls.append(approximate)
+        return real(h, approximate)
+
+    monkeypatch.setattr(llava_module, "_gelu_inplace", counting)
+    return calls
+
+
+@pytest.mark.parametrize("config", [llava_config("mlp3x_gelu"), hf_config(), hf_config(act="gelu_pytorch_tanh", bias=False),
+                                    hf_config(act="quick_gelu")], ids=["llava-mlp3x", "hf-gelu", "hf-tanh-nobias", "hf-quick"])
+def test_inference_path_equals_upstream_bitwise(config, gelu_calls):
+    """fp32 without autograd: addmm + in-place GELU, the same kernels as upstream's F.linear + F.gelu."""
+    upstream, model = upstream_and_drop_in(config)
+    x = torch.randn(3, 11, MM)
+    with torch.no_grad():
+        expected, out = upstream(x), model(x)
+    assert torch.equal(out, expected)
+    fused = {"mlp3x_gelu": ["none", "none"]}.get(getattr(config, "mm_projector_type", None))
+    act = getattr(config, "projector_hidden_act", None)
+    assert gelu_calls == (fused or {"gelu": ["none"], "gelu_pytorch_tanh": ["tanh"], "quick_gelu": []}[act])
+    # parameters that need no gradient: no graph to keep either
+    model.requires_grad_(False)
+    gelu_calls.clear()
+    assert torch.equal(model(x), expected) and len(gelu_calls) == len(fused or [1] * (act != "quick_gelu"))
+
+
+def test_upstream_path_where_the_fusion_does_not_apply(gelu_calls):
+    upstream, model = upstream_and_drop_in(llava_config("mlp2x_gelu"))
+    x = torch.randn(2, 5, MM)
+    model(x).sum().backward()                 # autograd: GELU's backward needs its input
+    with torch.no_grad():
+        model.bfloat16()(x.bfloat16())        # bf16: measured no faster
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        handle = model[1].register_forward_hook(lambda *args: None)
+        model(x)                              # a hooked GELU is called as a module
+        handle.remove()
+    assert gelu_calls == []
+    with torch.no_grad():
+        model(x)
+    assert gelu_calls == ["none"]
+
+
 def test_state_dict_keys():
     assert list(LlavaProjector(MM, HIDDEN, "linear").state_dict()) == ["weight", "bias"]
     assert list(LlavaProjector(MM, HIDDEN, "mlp3x_gelu").state_dict()) == [
@@ -86,6 +137,13 @@ def test_state_dict_keys():
         "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]
     assert list(LlavaProjector(MM, HIDDEN, layout="transformers", bias=False).state_dict()) == [
         "linear_1.weight", "linear_2.weight"]
+
+
+def test_sequential_indexing():
+    upstream, model = upstream_and_drop_in(llava_config("mlp2x_gelu"))
+    assert len(model) == len(upstream) == 3
+    assert [type(m) for m in model] == [type(m) for m in upstream]
+    assert model[0] is model._modules["0"] and model[-1] is model._modules["2"]
 
 
 def test_llava_default_type_is_linear():

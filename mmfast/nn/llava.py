@@ -3,12 +3,17 @@
 `LlavaMultiModalProjector` (keys linear_1 / linear_2); upstream's code is in mmfast/reference/llava.py.
 
 Fusing bias and GELU into the first GEMM (issue 16) was measured before it was built, on the 2-core dev CPU
-(AMD EPYC), torch 2.14.1, at LLaVA-1.5's [16, 576, 1024 -> 4096 -> 4096] (benchmarks/_llava_projector_timing.py,
+(AMD EPYC), torch 2.14.1, at LLaVA-1.5's [16, 576, 1024 -> 4096 -> 4096] (benchmarks/_llava_projector_timing.py;
 the table and the decision in benchmarks/RESULTS.md, "LLaVA projector"). The bias is already inside the GEMM
-upstream (F.linear on a contiguous input is one addmm), so only the GELU pass is left to fuse, and
-torch._addmm_activation on the CPU is addmm followed by an in-place GELU (it also has no backward). The GELU
-pass is ~2% of the forward (fp32: 102 of 4263 ms), below this machine's run-to-run noise (~5%), and no fused
-variant measured faster: the forward runs upstream's code, module by module.
+upstream (F.linear on a contiguous input is one addmm); what is left is the GELU pass and its second
+[N, 4096] buffer. torch._addmm_activation on the CPU is addmm then an in-place (exact) GELU and has no
+backward; on CUDA its cuBLASLt epilogue is the tanh GELU (pytorch#104061), not LLaVA's exact one.
+- Inference (no gradient needed), CPU, fp32: addmm, then GELU in place (no second buffer): medians of 6,
+  order rotated, 2258 vs 2430 ms upstream (0.93x the time; a second run 0.91x). That path is below.
+  bf16: 1057 vs 1045 ms (the bare GEMMs 1021 ms): nothing to gain, upstream's modules run.
+- Training: the bias and GELU passes are ~3.5% of forward + backward (the bare GEMMs 5916 vs 6136 ms),
+  within this machine's noise; nothing left to fuse without a kernel, so upstream's modules run.
+- CUDA: not measured (no GPU lent to this task): upstream's modules run.
 """
 from __future__ import annotations
 
@@ -107,17 +112,76 @@ class LlavaProjector(nn.Module):
         # swapped for this one (mmfast.patch) runs too.
         return list(self._modules.values())
 
+    # nn.Sequential's indexing, as on upstream's mm_projector (e.g. mm_projector[0].weight)
+    def __getitem__(self, idx: int) -> nn.Module:
+        return self._layers()[idx]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._layers())
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         _check_features(image_features, self.in_features)
         if "weight" in self._parameters:  # type "linear"
             return F.linear(image_features, self.weight, self.bias)
         x = image_features
-        for layer in self._layers():
-            x = layer(x)
+        layers = self._layers()
+        fuse = _inference_fusion(x, self)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            approximate = _gelu_kind(layers[i + 1]) if fuse and i + 1 < len(layers) and _plain_linear(layer) else None
+            if approximate is None:
+                x = layer(x)
+                i += 1
+                continue
+            # addmm then GELU in place over its output: one [N, hidden] buffer instead of two (measured above)
+            x2 = x.reshape(-1, x.shape[-1])
+            h = (torch.mm(x2, layer.weight.t()) if layer.bias is None
+                 else torch.addmm(layer.bias, x2, layer.weight.t()))
+            x = _gelu_inplace(h, approximate)
+            x = x.view(*image_features.shape[:-1], x.shape[-1])
+            i += 2
         return x
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, 'linear'" if "weight" in self._parameters else ""
+
+
+def _inference_fusion(x: torch.Tensor, module: nn.Module) -> bool:
+    """The in-place GELU path applies: CPU, fp32 (where it measured faster), no autograd graph to keep
+    (upstream's GELU backward needs the pre-activation that the in-place pass overwrites), no autocast."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return False
+    return all(p.dtype == x.dtype and p.device == x.device for p in module.parameters())
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Exactly nn.Linear without hooks: its parameters may be used directly (a LoRA-wrapped or hooked Linear
+    is called as a module)."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+_GELU_KINDS = {_ref.GELUActivation: "none", _ref.PytorchGELUTanh: "tanh"}
+
+
+def _gelu_kind(module: nn.Module) -> str | None:
+    """F.gelu's `approximate` for a plain GELU module (nn.GELU, ACT2FN's "gelu" / "gelu_pytorch_tanh"), else None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if type(module) is nn.GELU:
+        return module.approximate
+    return _GELU_KINDS.get(type(module))
+
+
+def _gelu_inplace(h: torch.Tensor, approximate: str) -> torch.Tensor:
+    return torch.ops.aten.gelu_(h, approximate=approximate)
 
 
 def _check_features(x, in_features: int) -> None:
