@@ -7,7 +7,7 @@ along the gap vector: mmfast.analysis.modality_gap / shift_embeddings, and a PNG
     options: --alpha 1.0 (the shift: image - alpha/2 * gap, text + alpha/2 * gap), --out modality_gap.png
 
 A randomly initialized CLIP already shows the gap: each tower maps every input into a narrow cone of its own
-(the paper's "cone effect", section 3), so even random weights give two separable clusters.
+(the paper's "cone effect"), so even random weights give two separable clusters.
 """
 from __future__ import annotations
 
