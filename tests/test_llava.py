@@ -196,7 +196,7 @@ def test_bad_input():
         LlavaProjector.from_config(SimpleNamespace(hidden_size=HIDDEN))
 
 
-def test_against_transformers_when_installed():
+def test_against_transformers_when_installed(gelu_calls):
     transformers = pytest.importorskip("transformers")
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -209,3 +209,9 @@ def test_against_transformers_when_installed():
     model.load_state_dict(upstream.state_dict(), strict=True)
     x = torch.randn(2, 5, MM)
     torch.testing.assert_close(model(x), upstream(x), rtol=0, atol=0)
+    # a patched instance (class swapped) keeps transformers' GELUActivation and still takes the in-place path
+    with torch.no_grad():
+        expected = upstream(x)
+        upstream.__class__ = LlavaProjector
+        assert torch.equal(upstream(x), expected)
+    assert gelu_calls == ["none"]

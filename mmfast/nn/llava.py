@@ -177,7 +177,11 @@ def _gelu_kind(module: nn.Module) -> str | None:
         return None
     if type(module) is nn.GELU:
         return module.approximate
-    return _GELU_KINDS.get(type(module))
+    cls = type(module)
+    if (cls.__module__, cls.__name__) == ("transformers.activations", "GELUActivation"):
+        # transformers' ACT2FN["gelu"] on a patched upstream instance: self.act is F.gelu unless use_gelu_python
+        return "none" if module.__dict__.get("act") is F.gelu else None
+    return _GELU_KINDS.get(cls)
 
 
 def _gelu_inplace(h: torch.Tensor, approximate: str) -> torch.Tensor:
