@@ -25,7 +25,8 @@ from mmfast.ops.similarity_softmax import similarity_softmax  # noqa: E402
 # `mmfast.patch(model)` works without importing the submodules by hand.
 _LAZY = {"nn": ("mmfast.nn", None), "analysis": ("mmfast.analysis", None), "patch": ("mmfast.patching", "patch"), "unpatch": ("mmfast.patching", "unpatch"),
          "patch_open_clip": ("mmfast.patching", "patch_open_clip"),
-         "unpatch_open_clip": ("mmfast.patching", "unpatch_open_clip")}
+         "unpatch_open_clip": ("mmfast.patching", "unpatch_open_clip"),
+         "contrastive_step": ("mmfast.gradcache", "contrastive_step")}
 
 
 def __getattr__(name: str):
@@ -43,4 +44,4 @@ def __dir__():
 
 
 __all__ = ["similarity_softmax", "clip_loss", "siglip_loss", "cross_attention", "sam_attention", "set_backend", "get_backend", "use_backend", "available_backends",
-           "BackendUnavailableError", "__version__", "nn", "analysis", "patch", "unpatch", "patch_open_clip", "unpatch_open_clip"]
+           "BackendUnavailableError", "__version__", "nn", "analysis", "patch", "unpatch", "patch_open_clip", "unpatch_open_clip", "contrastive_step"]
