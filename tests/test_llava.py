@@ -196,19 +196,25 @@ def test_bad_input():
         LlavaProjector.from_config(SimpleNamespace(hidden_size=HIDDEN))
 
 
-def test_against_transformers_when_installed(gelu_calls):
+@pytest.mark.parametrize("act,bias,layers", [("gelu", True, -2), ("gelu_pytorch_tanh", True, -2), ("gelu_new", False, -2),
+                                             ("quick_gelu", True, [-2, -5]), ("silu", True, -1)])
+def test_against_transformers_when_installed(act, bias, layers, gelu_calls):
     transformers = pytest.importorskip("transformers")
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    config = transformers.LlavaConfig(vision_config=dict(model_type="clip_vision_model", hidden_size=MM),
-                                      text_config=dict(model_type="llama", hidden_size=HIDDEN))
+    config = transformers.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=MM, num_attention_heads=4),
+        text_config=dict(model_type="llama", hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4),
+        projector_hidden_act=act, multimodal_projector_bias=bias, vision_feature_layer=layers)
     torch.manual_seed(0)
     upstream = LlavaMultiModalProjector(config)
     model = LlavaProjector.from_config(config)
     assert list(model.state_dict()) == list(upstream.state_dict())
     model.load_state_dict(upstream.state_dict(), strict=True)
-    x = torch.randn(2, 5, MM)
+    x = torch.randn(2, 5, model.in_features)
     torch.testing.assert_close(model(x), upstream(x), rtol=0, atol=0)
+    if act != "gelu":
+        return
     # a patched instance (class swapped) keeps transformers' GELUActivation and still takes the in-place path
     with torch.no_grad():
         expected = upstream(x)
