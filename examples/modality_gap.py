@@ -2,9 +2,12 @@
 along the gap vector: mmfast.analysis.modality_gap / shift_embeddings, and a PNG of both modalities' 2-D PCA.
 
     python examples/modality_gap.py                       # a small random open_clip model, random images and texts
-    python examples/modality_gap.py --synthetic           # two cones on the sphere, a known gap (no open_clip)
-    python examples/modality_gap.py --image-features img.pt --text-features txt.pt   # your own [N, D], [M, D]
-    options: --alpha 1.0 (the shift: image - alpha/2 * gap, text + alpha/2 * gap), --out modality_gap.png
+    python examples/modality_gap.py --synthetic           # labelled toy classes, a known gap (no open_clip)
+    python examples/modality_gap.py --image-features img.pt --text-features txt.pt [--labels labels.pt]
+        # your own [N, D] image and [M, D] text embeddings; with labels [N] (indices into the M text rows, e.g.
+        # class prompts) the sweep reports zero-shot top-1 accuracy at each shift
+    options: --alpha 1.0 (the plotted shift: image - alpha/2 * gap, text + alpha/2 * gap), --sweep -1,0,0.5,1,1.5
+    (the shifts tabulated: gap norm, and top-1 where there are labels), --out modality_gap.png
 
 A randomly initialized CLIP already shows the gap: each tower maps every input into a narrow cone of its own
 (the paper's "cone effect"), so even random weights give two separable clusters.
@@ -20,14 +23,19 @@ import common  # noqa: F401  (makes a checkout importable)
 from mmfast.analysis import modality_gap, shift_embeddings  # noqa: E402
 
 
-def synthetic(n: int, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two Gaussian clusters around axes e_0 (images) and e_1 (texts): a gap near 0.6 * sqrt(2)."""
+def synthetic(n: int, classes: int = 10, dim: int = 64, seed: int = 0):
+    """A labelled toy: `classes` directions u_k; image rows 0.6*e_0 + 0.5*u_label + noise, one text row per class
+    0.6*e_1 + 0.5*u_k (a zero-shot classifier's class embeddings). The gap is 0.6*(e_0 - e_1) before
+    normalization. Returns (image [n, dim], text [classes, dim], labels [n])."""
     g = torch.Generator().manual_seed(seed)
-    image = torch.randn(n, dim, generator=g) * 0.1
-    text = torch.randn(n, dim, generator=g) * 0.1
+    directions = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=-1)
+    directions[:, :2] = 0
+    labels = torch.randint(0, classes, (n,), generator=g)
+    image = 0.5 * directions[labels] + 0.15 * torch.randn(n, dim, generator=g)
     image[:, 0] += 0.6
+    text = 0.5 * directions + 0.05 * torch.randn(classes, dim, generator=g)
     text[:, 1] += 0.6
-    return image, text
+    return image, text, labels
 
 
 @torch.no_grad()
@@ -39,16 +47,17 @@ def random_clip(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     model = small_clip().eval()
     images = torch.randn(n, 3, 32, 32)
     tokens = torch.randint(1, SMALL_VOCAB, (n, SMALL_CONTEXT))
-    return model.encode_image(images), model.encode_text(tokens)
+    return model.encode_image(images), model.encode_text(tokens), None
 
 
 def pca_2d(*parts: torch.Tensor) -> list[torch.Tensor]:
-    """The parts projected on the first two principal axes of all their rows together."""
-    rows = torch.cat(parts).double()
-    rows = rows - rows.mean(0)
-    _, _, v = torch.linalg.svd(rows, full_matrices=False)
-    points = rows @ v[:2].T
-    return list(points.split([p.shape[0] for p in parts]))
+    """The parts projected on the first two principal axes of their union, each part weighted equally (500
+    image rows against 10 class prompts would otherwise hide the gap behind the image rows' own spread)."""
+    parts = [p.double() for p in parts]
+    center = torch.stack([p.mean(0) for p in parts]).mean(0)
+    weighted = torch.cat([(p - center) / p.shape[0] ** 0.5 for p in parts])
+    _, _, v = torch.linalg.svd(weighted, full_matrices=False)
+    return [(p - center) @ v[:2].T for p in parts]
 
 
 def describe(title: str, result) -> str:
@@ -62,7 +71,9 @@ def main():
     parser.add_argument("--synthetic", action="store_true", help="two cones with a known gap instead of a model")
     parser.add_argument("--image-features", help="a torch.save'd [N, D] tensor of image embeddings")
     parser.add_argument("--text-features", help="a torch.save'd [M, D] tensor of text embeddings")
-    parser.add_argument("--n", type=int, default=500, help="rows per modality (model or synthetic)")
+    parser.add_argument("--labels", help="a torch.save'd [N] tensor: each image's row of --text-features")
+    parser.add_argument("--n", type=int, default=500, help="image rows (and text rows for the model)")
+    parser.add_argument("--sweep", default="-1,0,0.5,1,1.5", help="shifts (alpha) to tabulate, comma-separated")
     parser.add_argument("--alpha", type=float, default=1.0, help="the shift; 1 closes the gap")
     parser.add_argument("--out", default="modality_gap.png")
     args = parser.parse_args()
@@ -71,12 +82,13 @@ def main():
         parser.error("pass both --image-features and --text-features, or neither")
     if args.image_features is not None:
         image, text = torch.load(args.image_features), torch.load(args.text_features)
+        labels = torch.load(args.labels) if args.labels else None
         source = f"{args.image_features} / {args.text_features}"
     elif args.synthetic:
-        image, text = synthetic(args.n)
-        source = "synthetic cones"
+        image, text, labels = synthetic(args.n)
+        source = "synthetic classes"
     else:
-        image, text = random_clip(args.n)
+        image, text, labels = random_clip(args.n)
         source = "a small random open_clip CLIP"
 
     before = modality_gap(image, text)
@@ -84,6 +96,13 @@ def main():
     after = modality_gap(*shifted)
     print(describe("before", before))
     print(describe(f"after the shift (alpha={args.alpha:g})", after))
+    print("alpha  gap norm" + ("  zero-shot top-1" if labels is not None else ""))
+    for alpha in (float(a) for a in args.sweep.split(",")):
+        img, txt = shift_embeddings(image, text, before.gap, alpha)
+        line = f"{alpha:5g}  {(img.double().mean(0) - txt.double().mean(0)).norm().item():8.3f}"
+        if labels is not None:
+            line += f"  {((img @ txt.T).argmax(-1) == labels).double().mean().item():16.3f}"
+        print(line)
 
     import matplotlib
 

@@ -74,8 +74,8 @@ def linear_separability(image_emb: torch.Tensor, text_emb: torch.Tensor, *, trai
     classes are on both sides; balanced accuracy (the mean of the two per-class accuracies) keeps chance at 0.5
     when the counts differ. Full-batch L-BFGS in float64 on the CPU: deterministic for a seed.
     Below 0.5 means no linear signal, not a flipped one: rows whose centroids were made equal (shift_embeddings
-    with the gap of these very rows) mirror each train-side deviation on the held-out side (synthetic cones
-    after the shift, examples/modality_gap.py --synthetic: 0.41)."""
+    with the gap of these very rows) mirror each train-side deviation on the held-out side (toy classes
+    after the shift in examples/modality_gap.py --synthetic: 0.46)."""
     _check_pair(image_emb, text_emb, MIN_ROWS)
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"mmfast: train_fraction must be in (0, 1), got {train_fraction!r}")

@@ -129,4 +129,4 @@ def test_example_smoke(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "gap norm" in proc.stdout
+    assert "gap norm" in proc.stdout and "zero-shot top-1" in proc.stdout
