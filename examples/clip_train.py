@@ -3,6 +3,7 @@
     python examples/clip_train.py                 # a small random CLIP on this CPU (well under 2 minutes)
     python examples/clip_train.py --full          # ViT-B-32 (random init) at batch 256..4096, on a GPU
     python examples/clip_train.py --siglip        # SigLipLoss instead of ClipLoss
+    python examples/clip_train.py --gradcache 64  # each step through mmfast.contrastive_step, 64 rows per chunk
 
 The loss is built the way open_clip_train.main builds it, `open_clip.create_loss(args)`, once before
 `mmfast.patch_open_clip()` (open_clip's ClipLoss) and once after (mmfast.nn.ClipLoss), and the step is
@@ -52,16 +53,21 @@ def batches(batch: int, steps: int, image_size: int, context: int, vocab: int, d
                torch.randint(0, vocab, (batch, context), generator=g).to(device))
 
 
-def train(model, loss_fn, data, progress):
-    """open_clip_train's step on each batch: (losses, step seconds, peak bytes of the first step)."""
+def train(model, loss_fn, data, progress, gradcache=None):
+    """open_clip_train's step on each batch: (losses, step seconds, peak bytes of the first step). With gradcache
+    (a chunk size) the forward and backward are mmfast.contrastive_step's: the same loss and gradients, the
+    encoders' activations of one chunk at a time."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     device = next(model.parameters()).device
     losses, seconds, peak = [], [], None
 
     def step(images, texts):
-        out = model(images, texts)
-        total = sum(loss_fn(**out, output_dict=True).values())
-        total.backward()
+        if gradcache:
+            total = mmfast.contrastive_step(model, images, texts, loss_fn, chunk_size=gradcache)
+        else:
+            out = model(images, texts)
+            total = sum(loss_fn(**out, output_dict=True).values())
+            total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total.item()
@@ -82,10 +88,14 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="ViT-B-32 at batch sizes 256, 1024, 4096 (for a GPU)")
     parser.add_argument("--siglip", action="store_true", help="train with SigLipLoss")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 64 256 1024 (--full: 256 1024 4096)")
+    parser.add_argument("--gradcache", type=int, metavar="CHUNK",
+                        help="train through mmfast.contrastive_step (GradCache) with CHUNK rows per encoder call")
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is the memory measurement")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    if args.gradcache is not None and args.gradcache < 1:
+        parser.error(f"--gradcache must be a chunk size >= 1, got {args.gradcache}")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (one measured for memory, the rest timed)")
     torch.manual_seed(0)
@@ -107,7 +117,8 @@ def main(argv=None):
     finally:
         mmfast.unpatch_open_clip()
     print(f"{type(upstream_loss).__module__}.{type(upstream_loss).__name__} vs "
-          f"{type(mmfast_loss).__module__}.{type(mmfast_loss).__name__} on {device}")
+          f"{type(mmfast_loss).__module__}.{type(mmfast_loss).__name__} on {device}"
+          + (f", both through mmfast.contrastive_step(chunk_size={args.gradcache})" if args.gradcache else ""))
 
     rows = []
     with tqdm(total=2 * len(batch_sizes) * args.steps, desc="training steps", unit="step") as progress:
@@ -116,7 +127,7 @@ def main(argv=None):
             for name, loss_fn in (("open_clip", upstream_loss), ("mmfast", mmfast_loss)):
                 progress.set_postfix(batch=batch, loss=name)
                 data = batches(batch, args.steps, image_size, context, vocab, device)
-                results[name] = train(copy.deepcopy(model), loss_fn, data, progress)
+                results[name] = train(copy.deepcopy(model), loss_fn, data, progress, args.gradcache)
             (up_losses, up_s, up_peak), (mm_losses, mm_s, mm_peak) = results["open_clip"], results["mmfast"]
             drift = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(up_losses, mm_losses))
             rows.append([batch, f"{up_losses[-1]:.5f}", f"{mm_losses[-1]:.5f}", f"{drift:.1e}",

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import mmfast
+import mmfast.gradcache
 from conftest import save_results_per_world, spawn_and_wait
 from mmfast.testing import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from clip_train import small_clip  # noqa: E402  (examples/)
+import clip_train  # noqa: E402  (examples/)
+from clip_train import small_clip  # noqa: E402
 
 B, CONTEXT, VOCAB = 10, 8, 100
 LOSSES = {"clip-mmfast": lambda: mmfast.nn.ClipLoss(), "siglip-mmfast": lambda: mmfast.nn.SigLipLoss(),
@@ -242,3 +244,20 @@ def test_gloo_group_of_2(tmp_path):
     ddp = [res["ddp"][0][1] for res in ranks]
     for name in ddp[0]:  # DDP's averaging: every rank holds the same gradient
         torch.testing.assert_close(ddp[0][name], ddp[1][name], rtol=0, atol=0, msg=lambda m: f"ddp {name}: {m}")
+
+
+def test_example_clip_train_gradcache(monkeypatch):
+    """examples/clip_train.py --gradcache: the same losses, step for step (AdamW), as its plain full-batch steps."""
+    plain = clip_train.main(["--batch-sizes", "12", "--steps", "2"])
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["chunk_size"])
+        return mmfast.gradcache.contrastive_step(*args, **kwargs)
+
+    monkeypatch.setattr(mmfast, "contrastive_step", counted, raising=False)
+    chunked = clip_train.main(["--batch-sizes", "12", "--steps", "2", "--gradcache", "5"])
+    assert calls == [5] * 4  # 2 steps x (open_clip's loss, mmfast's)
+    for a, b in zip(plain, chunked):
+        for column in (1, 2):  # last loss with open_clip's ClipLoss, with mmfast's
+            assert abs(float(a[column]) - float(b[column])) <= 2e-5, (a, b)
