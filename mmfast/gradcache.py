@@ -55,7 +55,7 @@ def contrastive_step(model, images, texts, loss_fn, *, chunk_size, image_encoder
     Returns the loss, detached. The parameter gradients are accumulated into `.grad`, as `loss.backward()` does.
 
     Dropout, stochastic depth and patch dropout draw the same masks in stages 1 and 3 (the CPU generator and
-    the CUDA generators of the inputs' device are restored per chunk); the masks are those of a forward pass
+    the CUDA generators of the inputs' and parameters' devices are restored per chunk); the masks are those of a forward pass
     that runs chunk by chunk (images then texts), the same distribution as a full-batch pass's but other draws.
     torch.autocast: call this inside the autocast context; it applies to the encoders in both passes and to
     the loss. The autocast weight-cast cache is cleared after stage 1, whose casts carry no autograd history.
@@ -87,7 +87,7 @@ def contrastive_step(model, images, texts, loss_fn, *, chunk_size, image_encoder
 
     towers = [(encode, batch.split(chunk_size), name)
               for encode, batch, name in zip(encoders, (images, texts), ("image_encoder", "text_encoder"))]
-    devices = _cuda_devices(images, texts)
+    devices = _cuda_devices(images, texts, *module.parameters())  # the generators dropout may draw from
 
     # Stage 1: embeddings without autograd; RNG state saved before each chunk.
     rng_states, embeddings = [], []  # per tower: per chunk

@@ -123,6 +123,19 @@ def test_accumulates_into_existing_grads_and_logit_params():
         torch.testing.assert_close(twice[name], 2 * g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+def test_dict_loss_and_own_normalization():
+    """A loss returning open_clip's output_dict form (summed), and encoders that normalize themselves with
+    normalize=False: still the full-batch step."""
+    model = _model(False, dropout=False)
+    images, texts = _batch()
+    ref = _full_step(copy.deepcopy(model), images, texts, mmfast.nn.ClipLoss())
+    m = copy.deepcopy(model)
+    loss_fn = mmfast.nn.ClipLoss()
+    _assert_same(_step(m, images, texts, lambda *a: loss_fn(*a, output_dict=True), 4, normalize=False,
+                       image_encoder=lambda x: m.encode_image(x, normalize=True),
+                       text_encoder=lambda t: m.encode_text(t, normalize=True)), ref, "dict loss, normalize=False")
+
+
 def test_autocast_and_grad_scaler():
     """CPU autocast (bf16): the same gradients as the autocast forward run chunk by chunk with autograd (fp32
     parameters; only the summation order of the chunks' contributions differs), every parameter reached; a
