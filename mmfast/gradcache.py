@@ -55,8 +55,9 @@ def contrastive_step(model, images, texts, loss_fn, *, chunk_size, image_encoder
     Returns the loss, detached. The parameter gradients are accumulated into `.grad`, as `loss.backward()` does.
 
     Dropout, stochastic depth and patch dropout draw the same masks in stages 1 and 3 (the CPU generator and
-    the CUDA generators of the inputs' and parameters' devices are restored per chunk); the masks are those of a forward pass
-    that runs chunk by chunk (images then texts), the same distribution as a full-batch pass's but other draws.
+    the CUDA generators of the inputs' and parameters' devices are restored per chunk); the masks are those of a
+    forward pass that runs chunk by chunk (images then texts): the same distribution as a full-batch pass's,
+    other draws. Afterwards the generators stand where that one forward pass leaves them.
     torch.autocast: call this inside the autocast context; it applies to the encoders in both passes and to
     the loss. The autocast weight-cast cache is cleared after stage 1, whose casts carry no autograd history.
 

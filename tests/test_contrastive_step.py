@@ -38,7 +38,8 @@ def _model(siglip, dropout, seed=0):
 
 def _batch(seed=1, batch=B, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 32, 32, generator=g, dtype=dtype), torch.randint(0, VOCAB, (batch, CONTEXT), generator=g)
+    images = torch.randn(batch, 3, 32, 32, generator=g, dtype=dtype)
+    return images, torch.randint(0, VOCAB, (batch, CONTEXT), generator=g)
 
 
 def _grads(model):
