@@ -153,8 +153,9 @@ stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py buil
 stage info 40 "$LOG" "$PY" -m mmfast info
 # "not emulated": tests/test_cuda_emulation.py runs the same kernels on CPU threads, for machines without a GPU.
 # -n 12: the whole selection took 127 s on an H200 (2026-12-04); no -x, so every failure is listed.
-# -v: each test's verdict is logged as it ends, so a stage cut short by its cap still says what failed.
-stage pytest 240 "$OUT/pytest.log" env MMFAST_COVERAGE_GUARD=1 "$PY" -m pytest tests -v --tb=short \
+# -v: each test's verdict is logged as it ends, so a stage cut short by its cap still says what failed
+# (-o addopts=-ra: pyproject's -q would cancel it, as it did on 2026-12-04).
+stage pytest 240 "$OUT/pytest.log" env MMFAST_COVERAGE_GUARD=1 "$PY" -m pytest tests -o addopts=-ra -v --tb=short \
     -k "cuda and not emulated" -n 12 --timeout 160 -p no:cacheprovider \
     --ignore=tests/test_patching.py  # it imports the upstream packages (test pins), which the GPU image lacks
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
