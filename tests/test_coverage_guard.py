@@ -80,7 +80,7 @@ def run_stand_in(tmp_path):
 
 
 def test_the_plugin_fails_a_run_that_skips_a_claimed_combination_under_xdist(run_stand_in):
-    pytest.importorskip("xdist")
+    pytest.importorskip("xdist", reason="pytest-xdist (requirements.txt) is not installed in this environment")
     claimed = len(claimed_combinations()["test_similarity_softmax.py"])
     result = run_stand_in("-n", "2", MMFAST_COVERAGE_GUARD="1", SKIP_COMBINATION="cpu-cpu-torch.bfloat16")
     out = result.stdout

@@ -46,6 +46,10 @@ def table_path(device_class: str) -> str:
     return os.path.join(TABLE_DIR, f"{device_class}.json")
 
 
+def _is_order(order) -> bool:
+    return isinstance(order, list) and bool(order) and order[-1] == UPSTREAM
+
+
 def load_table(path: str) -> dict:
     """A dispatch table, checked: a malformed file is an error naming it, never a silent `auto` change."""
     with open(path) as f:
@@ -54,10 +58,11 @@ def load_table(path: str) -> dict:
     if not isinstance(ops, dict):
         raise ValueError(f"mmfast: dispatch table {path} has no 'ops' object")
     for op, per_dtype in ops.items():
-        for dtype, entry in (per_dtype.items() if isinstance(per_dtype, dict) else [(op, None)]):
-            orders = [entry.get(k, [UPSTREAM]) for k in ("order", "inference_order")] if isinstance(entry, dict) else [None]
-            if dtype not in _DTYPE_NAMES or "order" not in entry or not all(
-                    isinstance(o, list) and o and o[-1] == UPSTREAM for o in orders):
+        if not isinstance(per_dtype, dict):
+            raise ValueError(f"mmfast: dispatch table {path}: ops.{op} must map dtypes to entries; got {per_dtype!r}")
+        for dtype, entry in per_dtype.items():
+            if dtype not in _DTYPE_NAMES or not isinstance(entry, dict) or not all(
+                    _is_order(entry.get(key, [UPSTREAM])) for key in ("order", "inference_order")) or "order" not in entry:
                 raise ValueError(f"mmfast: dispatch table {path}: ops.{op}.{dtype} must be a float32/float16/"
                                  f"bfloat16 entry whose 'order' (and 'inference_order') list ends with 'upstream'; "
                                  f"got {entry!r}")
