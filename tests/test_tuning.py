@@ -12,6 +12,8 @@ from mmfast.nn import perceiver as fused_perceiver
 from mmfast.nn import sam_attention as fused_sam
 from mmfast.reference import perceiver as ref_perceiver
 from mmfast.reference import sam_attention as ref_sam
+from test_perceiver import _pair as _perceiver_pair
+from test_sam_attention import pair
 
 
 def _table(**orders):
@@ -106,14 +108,11 @@ def test_resolve_follows_the_table_and_keeps_explicit_backends(cpu_table):
 
 
 def _sam_pair(dim=32):
-    torch.manual_seed(0)
-    config = dict(depth=2, embedding_dim=dim, num_heads=4, mlp_dim=64)
-    reference = ref_sam.TwoWayTransformer(**config)
-    for p in reference.parameters():  # trained-like LayerNorms and biases: a dropped term would show
-        p.data += 0.1 * torch.randn_like(p)
-    model = fused_sam.TwoWayTransformer(**config)
-    model.load_state_dict(reference.state_dict())
-    inputs = (torch.randn(3, dim, 4, 4), torch.randn(3, dim, 4, 4), torch.randn(3, 7, dim))
+    """A drop-in SAM transformer and the reference with the same random weights (test_sam_attention.pair)."""
+    model, reference = pair(fused_sam.TwoWayTransformer, ref_sam.TwoWayTransformer, depth=2, embedding_dim=dim,
+                            num_heads=4, mlp_dim=64)
+    gen = torch.Generator().manual_seed(1)
+    inputs = tuple(torch.randn(*shape, generator=gen) for shape in ((3, dim, 4, 4), (3, dim, 4, 4), (3, 7, dim)))
     return model, reference, inputs
 
 
@@ -157,10 +156,8 @@ def test_sam_fused_path_runs_where_the_table_names_a_kernel(cpu_table, monkeypat
 
 
 def test_perceiver_runs_upstreams_forward_where_the_table_says_so(cpu_table, monkeypatch):
-    torch.manual_seed(0)
-    reference = ref_perceiver.PerceiverResampler(dim=64, depth=2, dim_head=16, heads=4, num_latents=8)
-    model = fused_perceiver.PerceiverResampler(dim=64, depth=2, dim_head=16, heads=4, num_latents=8)
-    model.load_state_dict(reference.state_dict())
+    model, reference = _perceiver_pair(fused_perceiver.PerceiverResampler, ref_perceiver.PerceiverResampler, dim=64,
+                                       depth=2, dim_head=16, heads=4, num_latents=8)
     cpu_table(_table(perceiver_resampler={"float32": ["upstream"]}))
     _forbid(monkeypatch, fused_perceiver, "cross_attention")
     x = torch.randn(2, 1, 10, 64)
