@@ -1,7 +1,7 @@
 """How much of LLaVA-1.5's projector time bias + GELU take, and whether fusing them gains anything (issue 16).
 
 Standalone (the leading underscore keeps the bench registry from importing it):
-    python benchmarks/_llava_projector_timing.py [--batch 16] [--reps 5] [--modes forward,full]
+    python benchmarks/_llava_projector_timing.py [--batch 16] [--reps 5] [--modes forward,full] [--device cuda]
 Candidates run interleaved (one call of each per round, the order rotated each round: the first call of a round
 measured slower); medians over rounds, ratios to upstream from one run.
 x has no gradient in "full" (LLaVA trains the projector on a frozen CLIP tower): 3 backward GEMMs.
@@ -48,10 +48,18 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--modes", default="forward,full")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
+    dev = torch.device(a.device)
+    torch.set_default_device(dev)
+
+    def sync():  # a CUDA call's time includes its queued kernels
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     torch.manual_seed(0)
     n, d_in, d = a.batch * 576, 1024, 4096
-    print(f"[{a.batch}, 576, {d_in} -> {d} -> {d}], torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"[{a.batch}, 576, {d_in} -> {d} -> {d}], torch {torch.__version__}, {where}")
     for dtype in [getattr(torch, s) for s in a.dtypes.split(",")]:
         x = torch.randn(a.batch, 576, d_in, dtype=dtype)
         w1 = (torch.randn(d, d_in) / d_in ** 0.5).to(dtype).requires_grad_()
@@ -67,6 +75,7 @@ def main():
             for rep in range(a.reps):
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
                     fn = fns[name]
+                    sync()
                     t0 = time.perf_counter()
                     if mode == "forward":
                         with torch.no_grad():
@@ -74,12 +83,15 @@ def main():
                     else:
                         out = fn()
                         out.backward(torch.ones_like(out))
-                        for t in (w1, b1, w2, b2):
-                            t.grad = None
+                    sync()
                     times[name].append(time.perf_counter() - t0)
+                    for t in (w1, b1, w2, b2):
+                        t.grad = None
+                sync()
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     F.gelu(h)
+                sync()
                 times["gelu alone"].append(time.perf_counter() - t0)
             ref = statistics.median(times["upstream"])
             for name, ts in times.items():

@@ -100,6 +100,28 @@ def _clip_gpu64(image, text):
     return _ChunkedClipLoss64.apply(image, text)
 
 
+def _inf_cl(device: str) -> dict:
+    """Inf-CL (pip inf-cl 1.2.1, github DAMO-NLP-SG/Inf-CLIP) as provider "inf-cl" where it imports (CUDA only).
+    Its cal_flash_loss is one direction (per-row image->text cross entropy, labels arange(B)), so the provider
+    calls it twice, image->text and text->image, and averages the means: open_clip's symmetric loss. It casts
+    the features to fp32 inside (its forward and backward run in fp32 whatever the input dtype) and views D as
+    heads of 256 features (D % 256 == 0; smaller D as one head)."""
+    if device != "cuda":
+        return {}
+    try:
+        from inf_cl import cal_flash_loss
+    except ImportError:
+        return {}
+
+    def inf_cl(image, text):
+        head_dim = 256 if image.shape[1] % 256 == 0 else image.shape[1]
+        i2t = cal_flash_loss(image, text, scale=SCALE, head_dim=head_dim).mean()
+        t2i = cal_flash_loss(text, image, scale=SCALE, head_dim=head_dim).mean()
+        return ((i2t + t2i) / 2).to(image.dtype)
+
+    return {"inf-cl": inf_cl}
+
+
 def _case(op: str, dtype: torch.dtype, batch: int, dim: int, targets=(), quick=True, series=None) -> Case:
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
@@ -147,13 +169,16 @@ def gpu_clip_case() -> Case:
                Target("peak memory below eager's", "eager", 1.0, ("full",), metric="peak_mem_mb")]
     case = _case("clip_loss", torch.bfloat16, GPU_B, GPU_D, targets=targets)
     case.substitute_oracle, case.substitute_label, case.substitute_on_device = _clip_gpu64, GPU_ORACLE_LABEL, True
+    case.others = _inf_cl("cuda")
     return case
 
 
 @register("clip_loss")
 def clip_cases(device: str, quick: bool) -> list[Case]:
     faster = Target(">= 1.6x faster than open_clip's formula", "eager", 1.6, ("full",))
-    return [_case("clip_loss", torch.float32, 8192, 768, targets=[faster]),
+    fp32 = _case("clip_loss", torch.float32, 8192, 768, targets=[faster])
+    fp32.others = _inf_cl(device)
+    return [fp32,
             _case("clip_loss", torch.bfloat16, 8192, 768, quick=False),
             _case("clip_loss", torch.float32, 4096, 768, quick=False)] + sweep_cases("clip_loss") + (
                 [gpu_clip_case()] if device == "cuda" else [])

@@ -77,8 +77,12 @@ def measure(method, model, batch, chunk, loss_fn, device, amp, steps):
 
     g = torch.Generator().manual_seed(batch)
     size = model.visual.image_size[0]
-    images = torch.randn(batch, 3, size, size, generator=g).to(device)
-    texts = torch.randint(0, model.vocab_size, (batch, model.context_length), generator=g).to(device)
+    images = texts = None
+    try:
+        images = torch.randn(batch, 3, size, size, generator=g).to(device)
+        texts = torch.randint(0, model.vocab_size, (batch, model.context_length), generator=g).to(device)
+    except torch.OutOfMemoryError:  # the inputs alone do not fit
+        return None
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -115,7 +119,9 @@ def main(argv=None):
     parser.add_argument("--amp", choices=("bf16", "fp16"), help="torch.autocast dtype (default: fp32)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
     parser.add_argument("--find-max", action="store_true",
-                        help="CUDA: per method, double B from the first --batch-sizes until it runs out of memory")
+                        help="CUDA: per method, double B from the first --batch-sizes until it runs out of memory "
+                             "or passes --max-batch")
+    parser.add_argument("--max-batch", type=int, default=1 << 20, help="--find-max stops after this batch size")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -132,7 +138,7 @@ def main(argv=None):
     for method in args.methods:
         batches = args.batch_sizes
         if args.find_max:
-            batches = [args.batch_sizes[0] * 2 ** k for k in range(20)]
+            batches = [b for b in (args.batch_sizes[0] * 2 ** k for k in range(21)) if b <= args.max_batch]
         for batch in batches:
             result = measure(method, model, batch, args.chunk, loss_fn, device, amp, args.steps)
             if result is None:

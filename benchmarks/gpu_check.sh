@@ -9,6 +9,9 @@
 #   1. nvidia-smi                                                 -> gpu_check.log
 #   2. build mmfast._C in place for sm_90a                        -> gpu_check.log
 #   3. python3 -m mmfast info                                     -> gpu_check.log
+#   3b. benchmarks/_triton_sweep.py: the Triton block-size candidates timed and checked at the bench shapes
+#      (TRITON_SWEEP_SECONDS, default 130; 0 skips); the winners are exported as MMFAST_TRITON_BLOCKS, so the
+#      stages below run on them                        -> results/triton-sweep/ (sweep.txt, triton_blocks.json)
 #   4. pytest -k "cuda and not emulated" -n 12, no -x, with the dtype coverage guard on
 #      (MMFAST_COVERAGE_GUARD=1: a claimed backend/dtype that did not run and pass fails the stage)
 #                                                                 -> pytest.log
@@ -17,6 +20,10 @@
 #   7. python3 -m mmfast bench --quick --device cuda, one op at a time, each under its own cap so that one
 #      slow op cannot starve the rest (BENCH_OPS, "op:seconds" pairs), then a torch.profiler pass over the
 #      module cases (--profile)                                   -> bench.log, profile.txt
+#   7b. benchmarks/contrastive_step.py with ViT-B-32 in bf16 (issue 17), where open_clip imports (carry the
+#      open-clip-torch and ftfy wheels): the largest plain step, and gradcache at B=65536
+#      (CONTRASTIVE_STEP_SECONDS, default 75)                    -> results/contrastive_step.txt
+#   7c. benchmarks/_llava_projector_timing.py --device cuda      -> results/llava_projector.txt
 #   8. python3 -m mmfast tune: the dispatch table of `auto` from the bench CSVs, written into
 #      mmfast/tuning/<device>.json and copied out                  -> <device>.json
 # The per-op CSVs and plots travel packed in one tarball, results.tar.gz (unpack it into benchmarks/): 8
@@ -42,10 +49,16 @@ DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-530} ))
 BENCH_RESERVE=230  # seconds kept for the benchmark stages, whatever came before
 STATUS=()
 
-# stage NAME CAP LOGFILE CMD...: run CMD under timeout (CAP, or less to keep BENCH_RESERVE), output teed to LOGFILE.
+# stage NAME CAP LOGFILE CMD...: run CMD under timeout (CAP, or less to keep BENCH_RESERVE), output teed to LOGFILE;
+# a NAME listed in SKIP_STAGES (space-separated, e.g. "ceilings profile") is skipped.
 stage() {
     local name=$1 cap=$2 log=$3 reserve=$BENCH_RESERVE
     shift 3
+    case " ${SKIP_STAGES:-} " in *" $name "*)
+        STATUS+=("$name: SKIPPED (SKIP_STAGES)")
+        echo "=== $name: skipped (SKIP_STAGES)" | tee -a "$LOG"
+        return ;;
+    esac
     case $name in bench*|profile|tune) reserve=5 ;; esac
     local left=$(( DEADLINE - $(date +%s) - reserve ))
     local limit=$(( cap < left ? cap : left ))
@@ -151,6 +164,14 @@ EOF
 stage nvidia-smi 15 "$LOG" nvidia-smi
 stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 stage info 40 "$LOG" "$PY" -m mmfast info
+mkdir -p "$OUT/results"
+if [ "${TRITON_SWEEP_SECONDS:-130}" -gt 0 ]; then
+    stage triton-sweep "${TRITON_SWEEP_SECONDS:-130}" "$LOG" "$PY" benchmarks/_triton_sweep.py "$OUT/results/triton-sweep"
+    if [ -s "$OUT/results/triton-sweep/triton_blocks.json" ]; then
+        export MMFAST_TRITON_BLOCKS="$OUT/results/triton-sweep/triton_blocks.json"
+        echo "MMFAST_TRITON_BLOCKS=$MMFAST_TRITON_BLOCKS: $(cat "$MMFAST_TRITON_BLOCKS" | tr -d '\n ')" | tee -a "$LOG"
+    fi
+fi
 # "not emulated": tests/test_cuda_emulation.py runs the same kernels on CPU threads, for machines without a GPU.
 # -n 12: the whole selection took 127 s on an H200 (2026-12-04); no -x, so every failure is listed.
 # -v: each test's verdict is logged as it ends, so a stage cut short by its cap still says what failed
@@ -167,9 +188,24 @@ else
     echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
 fi
 stage ceilings 20 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
+if "$PY" -c "import open_clip" 2>/dev/null; then
+    # ViT-B-32 keeps ~15 MB of bf16 activations per image: the plain step stops near B=4096 on 141 GB.
+    stage bench-contrastive-step "${CONTRASTIVE_STEP_SECONDS:-75}" "$OUT/results/contrastive_step.txt" bash -c "
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 --methods plain \
+            --find-max --batch-sizes 2048 --max-batch 16384;
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 \
+            --methods gradcache accum --batch-sizes 4096;
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 \
+            --methods gradcache --batch-sizes 65536"
+else
+    STATUS+=("bench-contrastive-step: SKIPPED (open_clip does not import: carry open-clip-torch and ftfy wheels)")
+fi
+# Issue 16: how much of LLaVA-1.5's projector time bias + GELU take on this GPU, [16, 576, 1024 -> 4096 -> 4096].
+stage bench-llava-projector 25 "$OUT/results/llava_projector.txt" "$PY" benchmarks/_llava_projector_timing.py \
+    --device cuda --reps 20
 # One op at a time, each under its own cap (seconds; the 2026-12-04 run's quick cases took 13-90 s each;
 # clip_loss's B=65536 case alone needs ~60 s). A bench cut short still writes what it measured.
-PROVIDERS=${BENCH_PROVIDERS:-mmfast,mmfast-cuda,mmfast-triton,floor-gemm,floor-gemm+attn,eager-graph,mmfast-graph}
+PROVIDERS=${BENCH_PROVIDERS:-mmfast,mmfast-cuda,mmfast-triton,floor-gemm,floor-gemm+attn,eager-graph,mmfast-graph,inf-cl}
 for pair in ${BENCH_OPS:-sam_attention:45 perceiver_resampler:40 cross_attention:35 similarity_softmax:35 siglip_loss:20 clip_loss:50}; do
     op=${pair%%:*}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments

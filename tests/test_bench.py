@@ -326,6 +326,29 @@ def test_profile_defaults_to_the_module_cases(profile_op):
     assert len(runner.plan_cases(opts, [profile_op])[profile_op]) == 2
 
 
+def test_other_libraries_are_checked_and_timed_under_their_own_name(tmp_path, capsys):
+    """Case.others (Inf-CL for clip_loss): checked against the oracle like mmfast, a wrong one is refused,
+    and the dispatch table never reads them (their rows have no mmfast provider name)."""
+    case = dataclasses.replace(_case("good", IMPLS["good"]), others={"otherlib": IMPLS["good"],
+                                                                     "badlib": IMPLS["wrong"]})
+    assert [(p.name, p.checked) for p in runner.providers_for(case, torch.device("cpu"), only=["otherlib"])] == [
+        ("eager", False), ("otherlib", True)]
+    registry.register(OP)(lambda device, quick: [case])
+    try:
+        rc = main(["bench", "--op", OP, "--quick", "--device", "cpu", "--out", str(tmp_path),
+                   "--providers", "otherlib,badlib"])
+    finally:
+        registry.unregister(OP)
+    capsys.readouterr()
+    assert rc == 1  # badlib FAILed
+    with open(next(tmp_path.glob(f"*/{OP}.csv")), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "time_ms"]
+    status = {r["provider"]: json.loads(r["extra"])["status"] for r in rows if r["mode"] == "full"}
+    assert status["otherlib"].startswith("ok (grad rel err") and status["badlib"].startswith("FAIL: output[0]")
+    from mmfast import tuning
+    assert "otherlib" not in json.dumps(tuning.choose(rows))
+
+
 def test_graph_providers_only_for_module_cases_on_cuda():
     module, plain = _case("good", IMPLS["good"]), _case("good", IMPLS["good"])
     module.module = True

@@ -87,3 +87,26 @@ def test_distributed_drop_in_losses_match_open_clip(tmp_path):
     spawn_and_wait(_worker, tmp_path, max(WORLDS), 120)
     for world in WORLDS:
         _check_world(world, [torch.load(tmp_path / f"world{world}_rank{r}.pt") for r in range(world)])
+
+
+def test_even_batch_check_runs_on_nccl_without_host_sync_cuda(tmp_path):
+    """The drop-ins' per-rank batch check on CUDA features: NCCL takes the sizes (CUDA tensors) and the check
+    adds no host sync (a one-rank NCCL group; more ranks where a multi-GPU machine is lent)."""
+    import pytest
+    import torch.distributed as dist
+
+    from mmfast.nn.contrastive_loss import _check_even_batches
+
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("needs CUDA and NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        features = torch.randn(5, DIM, device="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _check_even_batches(features, None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()  # the asynchronous assert, had it failed, would raise here
+    finally:
+        dist.destroy_process_group()

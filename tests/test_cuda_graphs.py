@@ -222,6 +222,15 @@ def _run(call, inputs, leaves, grad_outputs, backward):
     return [o.detach() for o in outs] + list(torch.autograd.grad(diff, leaves, grad_outputs))
 
 
+def _differentiable_outputs(call, inputs) -> list[tuple[torch.Size, torch.dtype]]:
+    """(shape, dtype) of each differentiable output of call(**inputs). Only these leave the function: an
+    autograd graph kept alive past it would hold the parameters' AccumulateGrad nodes, which remember the
+    stream they were made on (here the legacy default stream); a capture's backward then makes that stream
+    wait on the capturing one, which CUDA refuses (cudaErrorStreamCaptureImplicit, the H200 run of
+    2026-12-04 16:30: six module cases)."""
+    return [(o.shape, o.dtype) for o in _as_list(call(**inputs)) if o.requires_grad]
+
+
 def _assert_capturable(case: Graphed, dtype, backward: bool):
     call, params = case.build(dtype)
     static, fresh = case.make(0, dtype), case.make(1, dtype)  # captured on static's values, replayed on fresh's
@@ -230,10 +239,10 @@ def _assert_capturable(case: Graphed, dtype, backward: bool):
         for inputs in (static, fresh):
             for name in case.grad_names:
                 inputs[name].requires_grad_()
-        diff = [o for o in _as_list(call(**fresh)) if o.requires_grad]
+        diff = _differentiable_outputs(call, fresh)
         assert diff, f"{case.name}: no differentiable output"
-        static_grads, fresh_grads = ([_randn(torch.Generator().manual_seed(seed), *o.shape, dtype=o.dtype) for o in diff]
-                                     for seed in (100, 101))
+        static_grads, fresh_grads = ([_randn(torch.Generator().manual_seed(seed), *shape, dtype=dtype)
+                                      for shape, dtype in diff] for seed in (100, 101))
     static_leaves, fresh_leaves = ([inputs[n] for n in case.grad_names] + params for inputs in (static, fresh))
 
     expected = _run(call, fresh, fresh_leaves, fresh_grads, backward)

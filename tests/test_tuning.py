@@ -95,6 +95,25 @@ def test_write_table_from_csvs_round_trips(tmp_path):
     assert tuning.load_table(str(out))["ops"]["cross_attention"]["float32"]["order"] == ["cuda", "upstream"]
 
 
+def test_write_table_keeps_the_ops_a_run_did_not_measure(tmp_path):
+    def write(op, ms, source):
+        rows = [_row("eager", "a", "forward", 1.0, op=op), _row("mmfast-cuda", "a", "forward", ms, "cuda", op=op)]
+        with open(tmp_path / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return tuning.write_table(str(tmp_path), str(tmp_path / "gpu.json"), device="gpu", compute_capability="9.0",
+                                  source=source)
+
+    write("clip_loss", 0.5, "first run")
+    table = write("cross_attention", 2.0, "second run")  # clip_loss not measured this time: its entry stays
+    assert table["ops"]["clip_loss"]["float32"]["order"] == ["cuda", "upstream"]
+    assert table["ops"]["cross_attention"]["float32"]["order"] == ["upstream"]
+    assert "kept from the earlier table (first run): clip_loss" in table["source"]
+    table = write("clip_loss", 2.0, "third run")  # a measured op replaces its earlier entry
+    assert table["ops"]["clip_loss"]["float32"]["order"] == ["upstream"]
+
+
 def test_resolve_follows_the_table_and_keeps_explicit_backends(cpu_table):
     impls = ("cpu", "reference")
     cpu = torch.device("cpu")
@@ -232,3 +251,20 @@ def test_inference_is_ranked_on_the_forward_measurements(cpu_table):
     assert backend.module_backend("perceiver_resampler", impls, cpu, torch.float32) == backend.UPSTREAM
     with torch.no_grad():
         assert backend.module_backend("perceiver_resampler", impls, cpu, torch.float32) == "cpu"
+
+
+def test_triton_block_overrides_replace_table_entries(tmp_path, monkeypatch):
+    pytest.importorskip("triton", reason="the Triton backend's helpers need triton")
+    from mmfast.triton._utils import apply_block_overrides
+
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps({"fam": {"half": {"backward": [128, 64, 8, 2]}}, "other": {"half": {"x": [1]}}}))
+    monkeypatch.setenv("MMFAST_TRITON_BLOCKS", str(path))
+    blocks = {"half": {"forward": (1, 2, 3, 4), "backward": (64, 64, 4, 2)}}
+    apply_block_overrides("fam", blocks)
+    assert blocks == {"half": {"forward": (1, 2, 3, 4), "backward": (128, 64, 8, 2)}}  # only the named entry
+    path.write_text(json.dumps({"fam": {"half": {"backward": [128, 64]}}}))  # a tuple of another length
+    with pytest.raises(ValueError, match=r"fam\.half\.backward must replace an entry of 4 ints"):
+        apply_block_overrides("fam", blocks)
+    monkeypatch.delenv("MMFAST_TRITON_BLOCKS")
+    assert apply_block_overrides("fam", {"half": {}}) == {"half": {}}  # unset: nothing read

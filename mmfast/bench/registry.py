@@ -52,6 +52,9 @@ class Case:
     backends: tuple[str, ...]  # the op's implementations (mmfast.ops.<op>.IMPLEMENTATIONS)
     grad_inputs: tuple[str, ...] = ()  # inputs differentiated in the backward/full modes
     floors: dict[str, Callable[..., Any]] = field(default_factory=dict)  # name -> fn(**inputs), not checked
+    # Other libraries' implementations of the case's math (e.g. "inf-cl"): name -> fn(**inputs), checked and
+    # timed like mmfast's providers, under their own name; never part of a dispatch table.
+    others: dict[str, Callable[..., Any]] = field(default_factory=dict)
     modes: tuple[str, ...] = MODES
     targets: tuple[Target, ...] = ()
     quick: bool = True  # part of `--quick`

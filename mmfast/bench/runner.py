@@ -102,7 +102,8 @@ def _compare(outs, outs64, outs_lowp, what: str) -> tuple[str | None, float]:
 # ---- providers -------------------------------------------------------------------------------
 @dataclass
 class Provider:
-    name: str  # "eager", "compile", "floor-<name>", "mmfast", "mmfast-<backend>", "eager-graph", "mmfast-graph"
+    name: str  # "eager", "compile", "floor-<name>", "mmfast", "mmfast-<backend>", "eager-graph", "mmfast-graph",
+    # or another library's name (Case.others)
     fn: Callable[..., Any]
     checked: bool  # compared with the float64 reference before timing
     backend: str | None = None  # the concrete mmfast backend (for "mmfast": what auto resolved to)
@@ -126,7 +127,7 @@ def kernel_backends(case: Case, device: torch.device) -> list[str]:
 
 def providers_for(case: Case, device: torch.device, backends: list[str] | None = None,
                   only: list[str] | None = None) -> list[Provider]:
-    """Eager reference, torch.compile(reference), the floors, mmfast (auto) and mmfast-<backend>
+    """Eager reference, torch.compile(reference), the floors, other libraries, mmfast (auto) and mmfast-<backend>
     for each backend (default: kernel_backends); an explicit backend that auto resolves to is
     timed once, as "mmfast". On CUDA, a module case also gets eager-graph and mmfast-graph: the
     reference and mmfast (auto) captured in CUDA graphs. `only`: these providers and eager (the
@@ -140,6 +141,7 @@ def providers_for(case: Case, device: torch.device, backends: list[str] | None =
     if wanted("compile"):  # dynamic=False: specialized to the case's shapes, like a deployed model
         found.append(Provider("compile", torch.compile(case.reference, dynamic=False), checked=True))
     found += [Provider(f"floor-{name}", fn, checked=False) for name, fn in case.floors.items()]
+    found += [Provider(name, fn, checked=True) for name, fn in case.others.items()]
     found.append(Provider("mmfast", _bind_backend(case.mmfast, "auto"), checked=True, backend=auto))
     for name in (kernel_backends(case, device) if backends is None else backends):
         if name != auto:
@@ -411,6 +413,9 @@ def capture_graph(call: Callable[[], Any], device: torch.device, warmup: int = G
     the capture, not of later replays, and is not permitted while capturing. Returns (graph, what the
     captured call returned: static tensors that every replay rewrites, MB the capture allocated: a
     replay allocates nothing). A capture that fails raises NotCapturable."""
+    # Autograd graphs left from eager calls and not yet collected (reference cycles) would keep AccumulateGrad
+    # nodes bound to the stream they ran on; the captured backward cannot make that stream wait on the capture.
+    gc.collect()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):

@@ -25,13 +25,23 @@ from mmfast.ops import contrastive_loss as _ops
 from mmfast.reference import contrastive_loss as _ref
 
 
-def _check_even_batches(batch: int, group) -> None:
-    """Every rank must hold the same batch (open_clip's assumption); a clear error instead of a hang."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([batch], dtype=torch.int64), group=group)
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"mmfast: every rank must have the same batch size; got per-rank batch sizes {sizes}")
+def _check_even_batches(features: torch.Tensor, group) -> None:
+    """Every rank must hold the same batch (open_clip's assumption): a clear error instead of a hang or a
+    wrong gather. The sizes travel on the features' device, which the group's backend serves (NCCL takes
+    CUDA tensors only). CPU features: a ValueError naming every size. CUDA features: an asynchronous device
+    assert, so that the check adds no host sync to the step (CUDA graphs, overlap); a mismatch stops the
+    process at the next synchronizing call with this message."""
+    batch = features.shape[0]
+    local = torch.full((1,), batch, dtype=torch.int64, device=features.device)
+    sizes = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, local, group=group)
+    if features.device.type == "cpu":
+        sizes = [int(s) for s in sizes]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"mmfast: every rank must have the same batch size; got per-rank batch sizes {sizes}")
+    else:
+        torch._assert_async(torch.cat(sizes).eq(batch).all(),
+                            "mmfast: every rank must have the same batch size (open_clip's losses assume it)")
 
 
 class ClipLoss(_ref.ClipLoss):
@@ -55,7 +65,7 @@ class ClipLoss(_ref.ClipLoss):
         else:
             _ops.check_pair(image_features, text_features)
             if not self.use_horovod:
-                _check_even_batches(image_features.shape[0], self.process_group)
+                _check_even_batches(image_features, self.process_group)
             if self.dist_impl == "ring":
                 loss = self._ring_loss(image_features, text_features, logit_scale)
             else:
@@ -101,5 +111,5 @@ class SigLipLoss(_ref.SigLipLoss):
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
         if self.world_size > 1:
             _ops.check_pair(image_features, text_features)
-            _check_even_batches(image_features.shape[0], None)
+            _check_even_batches(image_features, None)
         return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict)

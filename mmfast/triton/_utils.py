@@ -7,6 +7,7 @@ number of programs and loop iterations, not registers: ops pick larger blocks un
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Optional
 
@@ -20,6 +21,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # tl.dot needs every block dimension >= 16 (MMA shape on sm_80/sm_90).
 MIN_DOT_BLOCK = 16
+
+
+def apply_block_overrides(family: str, blocks: dict) -> dict:
+    """blocks (a module's _BLOCKS: {table: {kind: tuple}}) with the entries that the JSON file named by
+    MMFAST_TRITON_BLOCKS gives for `family` ("contrastive_loss", "similarity_softmax", "cross_attention")
+    put in its place, in place. That file is what benchmarks/_triton_sweep.py writes on a GPU: the GPU
+    check runs its tests and benchmarks on the sweep's winners before they are copied into the tables."""
+    path = os.environ.get("MMFAST_TRITON_BLOCKS")
+    if not path:
+        return blocks
+    with open(path) as f:
+        overrides = json.load(f).get(family, {})
+    for table, kinds in overrides.items():
+        for kind, config in kinds.items():
+            old = blocks.get(table, {}).get(kind)
+            if old is None or len(old) != len(config) or not all(isinstance(v, int) for v in config):
+                raise ValueError(f"mmfast: {path}: {family}.{table}.{kind} must replace an entry of "
+                                 f"{len(old) if old else '?'} ints, got {config!r}")
+            blocks[table][kind] = tuple(config)
+    return blocks
 
 
 def pow2_block(n: int, lo: int, hi: int) -> int:

@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, check_feature_pair, device_guard, dot_precision,
-                                  optional_scalar, pow2_block)
+from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
+                                  dot_precision, optional_scalar, pow2_block)
 
 # G * 2^k with the largest |G| of a tile in [2^13, 2^14]: far below fp16's 65504 and 2^24 above its
 # smallest normal, so only entries 2^-24 below the tile's largest lose bits.
@@ -550,6 +550,7 @@ _BLOCKS = {
     "fp32": {"forward": (64, 64, 32, 0, 4, 2), "backward": (64, 64, 32, 64, 4, 2)},
     "half": {"forward": (128, 64, 64, 0, 4, 3), "backward": (64, 64, 64, 128, 4, 2)},
 }
+apply_block_overrides("contrastive_loss", _BLOCKS)
 
 
 def _table(dtype: torch.dtype) -> str:

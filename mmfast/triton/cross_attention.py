@@ -49,7 +49,8 @@ import triton.language as tl
 
 from mmfast.backend import KERNEL_DTYPES
 from mmfast.ops._checks import check_tensor
-from mmfast.triton._utils import INTERPRET, MIN_DOT_BLOCK, check_launchable, device_guard, dot_precision, pow2_block
+from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_launchable, device_guard,
+                                  dot_precision, pow2_block)
 
 # Split-K rule (see the module docstring). 132 = SMs of an H100 SXM; 2 resident programs per SM.
 NUM_SMS_ASSUMED = 132
@@ -348,6 +349,7 @@ _BLOCKS = {
     "fp32": {"forward": (64, 32, 4, 2), "backward": (32, 32, 4, 1)},
     "half": {"forward": (128, 64, 4, 3), "backward": (64, 64, 4, 2)},
 }
+apply_block_overrides("cross_attention", _BLOCKS)
 
 
 def _blocks(kind: str, dtype: torch.dtype, lq: int, lk: int, lk2: int, d: int):

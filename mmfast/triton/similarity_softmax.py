@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, check_feature_pair, device_guard, dot_precision,
-                                  optional_scalar, pow2_block)
+from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
+                                  dot_precision, optional_scalar, pow2_block)
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 ACT_SOFTMAX: tl.constexpr = tl.constexpr(0)
@@ -536,19 +536,27 @@ def _act_code(activation: str) -> int:
 # tile was the fastest of 4 tried on an H200 (Triton 3.6, 4096 x 1000 x 768: 0.34 ms vs 0.51 ms for
 # 64 x 64 x 32); the half-precision forward likewise (0.18 ms; 128 x 128 tiles spilled in the softmax
 # epilogue: 0.44 ms). The top-k keeps 32 rows per program so its int64 key tiles stay in registers. The
-# top-k and backward tiles are not tuned yet.
+# top-k and backward tiles are not tuned yet. "backward_features": (BLOCK_DO,), the gradient programs' feature
+# block: each program rebuilds its logit tiles over all of D, so D / BLOCK_DO is the number of times the
+# logits are recomputed per side.
 _BLOCKS = {
     "interpret": {"forward": (64, 1024, 128, 4, 1), "topk": (64, 1024, 128, 4, 1),
-                  "backward": (64, 1024, 128, 4, 1)},
-    "fp32": {"forward": (128, 128, 32, 8, 2), "topk": (32, 64, 32, 4, 3), "backward": (64, 64, 32, 4, 2)},
-    "half": {"forward": (128, 64, 64, 4, 3), "topk": (32, 64, 64, 4, 3), "backward": (64, 64, 64, 4, 2)},
+                  "backward": (64, 1024, 128, 4, 1), "backward_features": (256,)},
+    "fp32": {"forward": (128, 128, 32, 8, 2), "topk": (32, 64, 32, 4, 3), "backward": (64, 64, 32, 4, 2),
+             "backward_features": (128,)},
+    "half": {"forward": (128, 64, 64, 4, 3), "topk": (32, 64, 64, 4, 3), "backward": (64, 64, 64, 4, 2),
+             "backward_features": (128,)},
 }
+apply_block_overrides("similarity_softmax", _BLOCKS)
+
+
+def _table(dtype: torch.dtype) -> str:
+    return "interpret" if INTERPRET else ("fp32" if dtype == torch.float32 else "half")
 
 
 def _gemm_blocks(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int, d: int):
     """_BLOCKS[...][kind] clamped to the problem (every tl.dot dimension stays >= 16)."""
-    table = "interpret" if INTERPRET else ("fp32" if dtype == torch.float32 else "half")
-    bm, bn, bd, warps, stages = _BLOCKS[table][kind]
+    bm, bn, bd, warps, stages = _BLOCKS[_table(dtype)][kind]
     return (pow2_block(n_rows, MIN_DOT_BLOCK, bm), pow2_block(n_cols, MIN_DOT_BLOCK, bn),
             pow2_block(d, MIN_DOT_BLOCK, bd), warps, stages)
 
@@ -621,7 +629,7 @@ def _backward(image, text, inv_i, inv_t, scale, bias, act: int, normalize: bool,
     c = text.shape[0]
     from_topk = idx is not None
     bm, bc, bd, warps, stages = _gemm_blocks("backward", image.dtype, n, c, d)
-    bdo = pow2_block(d, MIN_DOT_BLOCK, 256 if INTERPRET else 128)
+    bdo = pow2_block(d, MIN_DOT_BLOCK, _BLOCKS[_table(image.dtype)]["backward_features"][0])
     dummy = inv_i  # stands in for pointers a mode does not read
     common = dict(ACT=act, FROM_TOPK=from_topk, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, BLOCK_D=bd,
                   BLOCK_DO=bdo, PRECISION=dot_precision(image.dtype), num_warps=warps, num_stages=stages)

@@ -153,13 +153,23 @@ def write_table(results_dir: str, out_path: str, *, device: str, compute_capabil
     rows = _time_rows(results_dir)
     if not rows:
         raise ValueError(f"mmfast tune: no time_ms rows in the CSVs under {results_dir}")
+    ops = choose(rows, min_speedup)
+    # A run that benchmarked some ops only (a GPU check cut short by its caps) keeps the earlier table's other
+    # ops, and says so: each op's entry comes from one run.
+    kept = {}
+    if os.path.exists(out_path):
+        earlier = load_table(out_path)
+        if earlier.get("device") == device:
+            kept = {op: entry for op, entry in earlier["ops"].items() if op not in ops}
+    if kept:
+        source += f"; kept from the earlier table ({earlier.get('source', 'no source')}): {', '.join(sorted(kept))}"
     table = {
         "device": device,
         "compute_capability": compute_capability,
         "source": source,
         "rule": f"order: implementations >= {min_speedup}x upstream eager in every case and mode of the op and "
                 "dtype, fastest first (geometric mean), then upstream; speedup: eager / implementation per case",
-        "ops": choose(rows, min_speedup),
+        "ops": {**kept, **ops},
     }
     with open(out_path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
