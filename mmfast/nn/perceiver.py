@@ -80,7 +80,7 @@ def _linear_residual(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor 
 class PerceiverAttention(_ref.PerceiverAttention):
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """x [b, t, n, D] media, latents [b, t, m, D] -> [b, t, m, D]."""
-        if _module_backend(latents) == _backend.UPSTREAM:
+        if _backend.in_upstream_forward() or _module_backend(latents) == _backend.UPSTREAM:
             return super().forward(x, latents)
         return self._attend(x, latents, None)
 
@@ -132,7 +132,7 @@ def _run_layers(layers, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """The reference's layer loop (mmfast.reference.perceiver._run_layers), each residual add done by
     the block's last GEMM; upstream's own loop where the dispatch table says upstream is faster."""
     if _module_backend(latents) == _backend.UPSTREAM:
-        return _ref._run_layers(layers, x, latents)
+        return _backend.run_upstream(_ref._run_layers, layers, x, latents)
     for attn, ff in layers:
         if isinstance(attn, PerceiverAttention) and not (attn._forward_hooks or attn._forward_pre_hooks):
             latents = attn._attend(x, latents, latents)

@@ -50,6 +50,8 @@ class SamAttention(_ref.Attention):
     """segment-anything's Attention(embedding_dim, num_heads, downsample_rate=1)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if _backend.in_upstream_forward():
+            return super().forward(q, k, v)
         impl = _module_backend(q, self)
         if impl == _backend.UPSTREAM:
             return super().forward(q, k, v)
@@ -60,6 +62,8 @@ class Sam2Attention(_ref.Sam2Attention):
     """SAM2's Attention(embedding_dim, num_heads, downsample_rate=1, dropout=0.0, kv_in_dim=None)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if _backend.in_upstream_forward():
+            return super().forward(q, k, v)
         impl = _module_backend(q, self)
         if _runs_dropout(self) or impl == _backend.UPSTREAM:
             return super().forward(q, k, v)
@@ -70,6 +74,8 @@ class _FusedTwoWayBlock:
     """The two-way block's forward on sam_attention (mixed into the SAM and SAM2 blocks)."""
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
+        if _backend.in_upstream_forward():
+            return super().forward(queries, keys, query_pe, key_pe)
         attentions = (self.self_attn, self.cross_attn_token_to_image, self.cross_attn_image_to_token)
         impl = _module_backend(queries, *attentions)
         if impl == _backend.UPSTREAM or any(_runs_dropout(a) for a in attentions):
@@ -138,7 +144,7 @@ class _FusedTwoWayTransformer:
                              f"{tuple(point_embedding.shape)} has {point_embedding.shape[2]}")
         impl = _module_backend(point_embedding, self.final_attn_token_to_image)
         if impl == _backend.UPSTREAM:  # upstream's forward, its blocks and attentions upstream's too
-            return super().forward(image_embedding, image_pe, point_embedding)
+            return _backend.run_upstream(super().forward, image_embedding, image_pe, point_embedding)
         image = image_embedding.flatten(2).permute(0, 2, 1)  # [B, HW, C] views, as upstream
         pe = image_pe.flatten(2).permute(0, 2, 1)
         if _same_for_every_prompt(image) and _same_for_every_prompt(pe):
