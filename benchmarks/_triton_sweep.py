@@ -8,7 +8,8 @@ Standalone (the leading underscore keeps the bench registry from importing it). 
 candidate: ms, error, verdict) and triton_blocks.json in the format that MMFAST_TRITON_BLOCKS reads
 (mmfast/triton/_utils.apply_block_overrides): point that variable at it and the tests and benchmarks of the
 same process tree run on the winners; copy the winners into the `_BLOCKS` tables to keep them. The current
-entry is always candidate 0 and the baseline, so a winner is never slower than it at the swept shapes.
+entry is always candidate 0 and the baseline; a winner must be at least 3% faster (MIN_GAIN) on the mean
+of the timed shapes.
 
 Two phases: compile every candidate in --jobs processes at once (Triton's on-disk cache is shared; a
 compile is 1-5 s of one CPU core, the GPU barely used), then time them one process, one kernel at a time
@@ -40,7 +41,11 @@ class Entry:
     family: str  # the module: contrastive_loss, similarity_softmax, cross_attention
     table: str  # "fp32" or "half"
     candidates: list[dict]  # {kind: config tuple}; the first is today's entry
-    make: Callable  # () -> list of (label, inputs builder, run(inputs) -> tensors, reference(inputs) -> tensors)
+    # () -> list of (label, inputs builder, run(inputs) -> tensors, reference(inputs) -> tensors): the bench
+    # shapes, timed and checked, then one odd shape (every tile ragged), only checked. On the H200 of 2026-12-04
+    # the odd shapes' times (1-5 ms: launch-bound, noisy) outweighed the bench shapes' in the mean and picked
+    # an fp32 similarity entry that was 1% faster where it matters.
+    make: Callable
     tolerance: float  # relative error (norm of the difference / norm of the reference) allowed per tensor
 
 
@@ -137,14 +142,13 @@ MIN_GAIN = 0.97  # a candidate replaces today's entry only if its mean relative 
 ENTRIES = [
     # The losses' gradient kernels: BLOCK_DO sets how often each side recomputes the logits (D / BLOCK_DO).
     Entry("loss-backward-half", "contrastive_loss", "half",
-          [{"backward": c} for c in ((64, 64, 64, 128, 4, 2), (64, 64, 64, 256, 8, 2), (128, 64, 64, 128, 8, 2),
-                                     (128, 64, 64, 256, 8, 2), (128, 128, 64, 128, 8, 2), (64, 128, 64, 128, 4, 3),
-                                     (128, 64, 32, 256, 8, 3))],
+          [{"backward": c} for c in ((128, 64, 32, 256, 8, 3), (64, 64, 64, 128, 4, 2), (128, 64, 64, 256, 8, 2),
+                                     (128, 128, 32, 256, 8, 3), (64, 64, 32, 512, 8, 2), (128, 64, 32, 512, 8, 3))],
           lambda: _both_losses(16384, 768, BF16) + [_loss_case("clip", 1000, 200, FP16)], 2e-2),
     Entry("similarity-backward-half", "similarity_softmax", "half",
           [{"backward": c, "backward_features": (f,)} for c, f in (
-              ((64, 64, 64, 4, 2), 128), ((64, 64, 64, 8, 2), 256), ((128, 64, 64, 8, 2), 128),
-              ((128, 64, 64, 8, 2), 256), ((64, 128, 64, 8, 3), 256), ((128, 128, 64, 8, 3), 128))],
+              ((64, 64, 64, 8, 2), 256), ((64, 64, 64, 4, 2), 128), ((128, 64, 64, 8, 2), 256),
+              ((64, 64, 64, 8, 2), 512), ((64, 64, 32, 8, 3), 256), ((128, 128, 64, 8, 3), 256))],
           lambda: [_similarity_case(4096, 21843, 768, FP16), _similarity_case(4096, 1000, 768, BF16),
                    _similarity_case(37, 1001, 200, FP16)], 2e-2),
     Entry("attention-forward-half", "cross_attention", "half",
@@ -217,6 +221,10 @@ def median_ms(fn, reps: int, budget_s: float) -> float:
 
 def sweep(entry: Entry, compile_only: bool, log) -> dict | None:
     """Time (or only compile) every candidate of `entry`; the winner's {kind: config} (None if compile_only)."""
+    tables = _module(entry.family)._BLOCKS[entry.table]
+    if any(tuple(tables[kind]) != tuple(config) for kind, config in entry.candidates[0].items()):
+        raise RuntimeError(f"{entry.name}: candidate 0 must be today's table entry (the baseline); the table holds "
+                           f"{ {kind: tables[kind] for kind in entry.candidates[0]} }")
     cases = entry.make()
     built = [(label, build()) for label, build, _, _ in cases]
     references = [reference(x) for (_, _, _, reference), (_, x) in zip(cases, built)]
@@ -225,10 +233,10 @@ def sweep(entry: Entry, compile_only: bool, log) -> dict | None:
         _apply(entry, candidate)
         times, worst, failure = {}, 0.0, None
         try:
-            for (label, _, run, _), (_, x), want in zip(cases, built, references):
+            for n, ((label, _, run, _), (_, x), want) in enumerate(zip(cases, built, references)):
                 got = run(x)
                 worst = max([worst] + [_rel_err(g, w) for g, w in zip(got, want)])
-                if not compile_only:
+                if not compile_only and n < len(cases) - 1:  # the last case, the odd shape, is only checked
                     times[label] = median_ms(lambda: run(x), reps=10, budget_s=1.5)
         except Exception as e:  # a config that does not compile or launch (shared memory, registers)
             failure = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -245,7 +253,7 @@ def sweep(entry: Entry, compile_only: bool, log) -> dict | None:
     _apply(entry, entry.candidates[0])
     if compile_only:
         return None
-    passing = [s for s in scores if s[3] and len(s[1]) == len(cases)]
+    passing = [s for s in scores if s[3] and len(s[1]) == len(cases) - 1]
     if not scores[0][3]:  # today's entry failed: nothing to compare against
         return None
     best = min(passing, key=lambda s: s[2])
@@ -280,7 +288,7 @@ def main(argv=None) -> int:
     winners: dict = {}
     with open(args.out / "sweep.txt", "w") as log:
         print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
-              f"{__import__('triton').__version__}; relative time = mean over the cases of ms / today's ms",
+              f"{__import__('triton').__version__}; relative time = mean over the timed cases of ms / today's ms",
               file=log)
         for entry in entries:
             best = sweep(entry, compile_only=False, log=log)

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
 
     TARGET = GPUTarget("cuda", 90, 32)
 
-    def compile_kernel(kern, consts, ptr_dtype):
+    def compile_kernel(kern, consts, ptr_dtype, num_warps=4, num_stages=2):
         """ptr_dtype(name) -> the element type of pointer argument `name`; other arguments are i32."""
         sig = {}
         for i, name in enumerate(kern.arg_names):
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
         assert not missing, (kern.fn.__name__, missing)
         consts = {(kern.arg_names.index(k),): v for k, v in consts.items() if k in kern.arg_names}
         triton.compile(ASTSource(kern, sig, constexprs=consts), target=TARGET,
-                       options={"num_warps": 4, "num_stages": 2})
+                       options={"num_warps": num_warps, "num_stages": num_stages})
 
     for dt, precision in (("fp32", "ieee"), ("fp16", "tf32"), ("bf16", "tf32")):
         # cross_attention: statistics (lse, delta, split partials) are fp32, everything else in dt
@@ -69,6 +69,15 @@ SCRIPT = textwrap.dedent('''
         for kern in (loss._clip_fwd_kernel, loss._siglip_loss_kernel):
             compile_kernel(kern, common, lambda n: dt if n in features else "fp32")
         compile_kernel(loss._lse_combine_kernel, dict(HAS_BIAS=True, BLOCK=128), lambda n: "fp32")
+    # The tuned GPU entries of the loss gradients (the H200 sweep's 8-warp, 3-stage tiles), as launched.
+    bm, bn, bd, bdo, warps, stages = loss._BLOCKS["half"]["backward"]
+    for dt in ("fp16", "bf16"):
+        tuned = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, PRECISION="tf32", UPCAST=False,
+                     SCALE_G=dt == "fp16", HAS_BIAS=True, HAS_POS=True)
+        for siglip in (False, True):
+            grads = dict(tuned, SIGLIP=siglip, HAS_GR=not siglip, HAS_GC=not siglip, HAS_GP=not siglip)
+            for kern in (loss._bwd_rows_kernel, loss._bwd_cols_kernel):
+                compile_kernel(kern, grads, lambda n: dt if n in features else "fp32", warps, stages)
     print("all kernels compiled for sm_90")
 ''')
 

@@ -544,11 +544,14 @@ def _vector(name: str, t: Optional[torch.Tensor], size: int, like: torch.Tensor)
 # block of a gradient program. Under the interpreter every program and loop iteration costs tens of ms of
 # Python whatever its size, so it gets Triton's largest tile (2^20 elements; measured at B=8192 fp16:
 # 1024 x 1024 tiles 1.4x faster than 512 x 1024) and BLOCK_DO = 1024 (no recompute of the dots for
-# D <= 1024). GPU values are the similarity kernels' starting points, NOT tuned here (no GPU run yet).
+# D <= 1024). GPU: benchmarks/_triton_sweep.py on an H200 (Triton 3.6, 2026-12-04; results/nvidia-h200/
+# 2026-12-04-1840/triton-sweep.txt): the half-precision backward (128, 64, 32, 256, 8, 3) took bf16 B=16384
+# D=768 forward+backward from 40.7 to 22.3 ms (CLIP) and 36.2 to 19.6 ms (SigLIP): BLOCK_DO 256 recomputes the
+# logits 3 times per side instead of 6. Every other GPU entry was the fastest of 5-7 candidates as it stands.
 _BLOCKS = {
     "interpret": {"forward": (1024, 1024, 256, 0, 4, 1), "backward": (1024, 1024, 256, 1024, 4, 1)},
     "fp32": {"forward": (64, 64, 32, 0, 4, 2), "backward": (64, 64, 32, 64, 4, 2)},
-    "half": {"forward": (128, 64, 64, 0, 4, 3), "backward": (64, 64, 64, 128, 4, 2)},
+    "half": {"forward": (128, 64, 64, 0, 4, 3), "backward": (128, 64, 32, 256, 8, 3)},
 }
 apply_block_overrides("contrastive_loss", _BLOCKS)
 
