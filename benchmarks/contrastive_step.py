@@ -71,7 +71,7 @@ def run(method, model, images, texts, loss_fn, chunk):
     return mmfast.contrastive_step(model, images, texts, loss_fn, chunk_size=chunk).item()
 
 
-def measure(method, model, batch, chunk, loss_fn, device, amp, steps):
+def measure(method, model, batch, chunk, loss_fn, device, amp, steps, warmup=True):
     """(loss, peak bytes, median step seconds) or None when CUDA runs out of memory."""
     from common import peak_memory, timed
 
@@ -90,8 +90,9 @@ def measure(method, model, batch, chunk, loss_fn, device, amp, steps):
             return run(method, model, images, texts, loss_fn, chunk)
 
     try:
-        step()  # warm-up (allocator, kernels); the gradients' memory is part of every measured step
-        model.zero_grad(set_to_none=True)
+        if warmup:  # allocator, kernels; the gradients' memory is part of every measured step
+            step()
+            model.zero_grad(set_to_none=True)
         loss, peak = peak_memory(step, device)
         seconds = sorted(timed(step, device)[1] for _ in range(steps))
     except torch.OutOfMemoryError:
@@ -123,6 +124,8 @@ def main(argv=None):
                              "or passes --max-batch")
     parser.add_argument("--max-batch", type=int, default=1 << 20, help="--find-max stops after this batch size")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="no warm-up step: the peak-memory step warms up (a GPU lease: at B=65536 a step is ~18 s)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     if args.find_max and device.type != "cuda":
@@ -140,7 +143,8 @@ def main(argv=None):
         if args.find_max:
             batches = [b for b in (args.batch_sizes[0] * 2 ** k for k in range(21)) if b <= args.max_batch]
         for batch in batches:
-            result = measure(method, model, batch, args.chunk, loss_fn, device, amp, args.steps)
+            result = measure(method, model, batch, args.chunk, loss_fn, device, amp, args.steps,
+                             warmup=not args.no_warmup)
             if result is None:
                 rows.append([method, batch, "out of memory", "", ""])
                 break

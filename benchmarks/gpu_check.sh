@@ -5,7 +5,9 @@
 # pytest-timeout and pytest-benchmark already installed, and nvcc; installs nothing, uses no venv
 # (PYTHON=... to override python3). Run from anywhere; it works in the source tree it sits in. Stages, each
 # bounded by `timeout`; a failing stage is logged and the next one runs; the whole stays inside
-# GPU_CHECK_SECONDS (530: inside the 9 minutes a lease has room for):
+# GPU_CHECK_SECONDS (530: inside the 9 minutes a lease has room for; it counts from this script's start, so
+# leave the runner's own limit room for what runs before it: on 2026-12-04 a wheel install plus 585 s overran
+# the runner's 600 s and the unpacked CSVs were lost):
 #   1. nvidia-smi                                                 -> gpu_check.log
 #   2. build mmfast._C in place for sm_90a                        -> gpu_check.log
 #   3. python3 -m mmfast info                                     -> gpu_check.log
@@ -21,8 +23,9 @@
 #      slow op cannot starve the rest (BENCH_OPS, "op:seconds" pairs), then a torch.profiler pass over the
 #      module cases (--profile)                                   -> bench.log, profile.txt
 #   7b. benchmarks/contrastive_step.py with ViT-B-32 in bf16 (issue 17), where open_clip imports (carry the
-#      open-clip-torch and ftfy wheels): the largest plain step, and gradcache at B=65536
-#      (CONTRASTIVE_STEP_SECONDS, default 75)                    -> results/contrastive_step.txt
+#      open-clip-torch and ftfy wheels): gradcache at B=65536, both methods at B=2048 (the step-time ratio
+#      where the plain step fits), then the largest plain step
+#      (CONTRASTIVE_STEP_SECONDS, default 100)                    -> results/contrastive_step.txt
 #   7c. benchmarks/_llava_projector_timing.py --device cuda      -> results/llava_projector.txt
 #   8. python3 -m mmfast tune: the dispatch table of `auto` from the bench CSVs, written into
 #      mmfast/tuning/<device>.json and copied out                  -> <device>.json
@@ -75,10 +78,19 @@ stage() {
     [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT after ${limit}s"
     STATUS+=("$name: $verdict in $(( $(date +%s) - start ))s")
     echo "=== $name: $verdict" | tee -a "$LOG"
+    pack_results
 }
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# Everything but the logs gathers in $RES, outside $OUT, and is packed into $OUT/results.tar.gz after every stage:
+# one file back instead of two per op, and a check killed mid-way still returns what it had (the device runner
+# brings back 8 files; on 2026-12-04 a killed check's loose CSVs were left behind).
+RES="$TMP/results"
+pack_results() {
+    [ -d "$RES" ] && tar -czf "$OUT/results.tar.gz.part" -C "$TMP" results && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+    return 0
+}
 
 # A tiny call of each CUDA op (forward and backward), odd shapes so edge tiles are exercised.
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1 (below): every tensor its own cudaMalloc, so an access past its
@@ -164,11 +176,11 @@ EOF
 stage nvidia-smi 15 "$LOG" nvidia-smi
 stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 stage info 40 "$LOG" "$PY" -m mmfast info
-mkdir -p "$OUT/results"
+mkdir -p "$RES"
 if [ "${TRITON_SWEEP_SECONDS:-130}" -gt 0 ]; then
-    stage triton-sweep "${TRITON_SWEEP_SECONDS:-130}" "$LOG" "$PY" benchmarks/_triton_sweep.py "$OUT/results/triton-sweep"
-    if [ -s "$OUT/results/triton-sweep/triton_blocks.json" ]; then
-        export MMFAST_TRITON_BLOCKS="$OUT/results/triton-sweep/triton_blocks.json"
+    stage triton-sweep "${TRITON_SWEEP_SECONDS:-130}" "$LOG" "$PY" benchmarks/_triton_sweep.py "$RES/triton-sweep"
+    if [ -s "$RES/triton-sweep/triton_blocks.json" ]; then
+        export MMFAST_TRITON_BLOCKS="$RES/triton-sweep/triton_blocks.json"
         echo "MMFAST_TRITON_BLOCKS=$MMFAST_TRITON_BLOCKS: $(cat "$MMFAST_TRITON_BLOCKS" | tr -d '\n ')" | tee -a "$LOG"
     fi
 fi
@@ -189,19 +201,20 @@ else
 fi
 stage ceilings 20 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
 if "$PY" -c "import open_clip" 2>/dev/null; then
-    # ViT-B-32 keeps ~15 MB of bf16 activations per image: the plain step stops near B=4096 on 141 GB.
-    stage bench-contrastive-step "${CONTRASTIVE_STEP_SECONDS:-75}" "$OUT/results/contrastive_step.txt" bash -c "
-        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 --methods plain \
-            --find-max --batch-sizes 2048 --max-batch 16384;
-        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 \
-            --methods gradcache accum --batch-sizes 4096;
-        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 \
-            --methods gradcache --batch-sizes 65536"
+    # The plain step peaked at 68.6 GB at B=2048 and ran out of memory at 4096 (H200, 2026-12-04).
+    # The target first (B=65536: ~18 s a step, so no separate warm-up), then the plain step's largest batch.
+    stage bench-contrastive-step "${CONTRASTIVE_STEP_SECONDS:-100}" "$RES/contrastive_step.txt" bash -c "
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 --no-warmup \
+            --methods gradcache --batch-sizes 65536;
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 --no-warmup \
+            --methods plain gradcache --batch-sizes 2048;
+        $PY benchmarks/contrastive_step.py --model ViT-B-32 --amp bf16 --chunk 2048 --steps 1 --no-warmup \
+            --methods plain accum --find-max --batch-sizes 4096 --max-batch 8192"
 else
     STATUS+=("bench-contrastive-step: SKIPPED (open_clip does not import: carry open-clip-torch and ftfy wheels)")
 fi
 # Issue 16: how much of LLaVA-1.5's projector time bias + GELU take on this GPU, [16, 576, 1024 -> 4096 -> 4096].
-stage bench-llava-projector 25 "$OUT/results/llava_projector.txt" "$PY" benchmarks/_llava_projector_timing.py \
+stage bench-llava-projector 25 "$RES/llava_projector.txt" "$PY" benchmarks/_llava_projector_timing.py \
     --device cuda --reps 20
 # One op at a time, each under its own cap (seconds; the 2026-12-04 run's quick cases took 13-90 s each;
 # clip_loss's B=65536 case alone needs ~60 s). A bench cut short still writes what it measured.
@@ -210,18 +223,16 @@ for pair in ${BENCH_OPS:-sam_attention:45 perceiver_resampler:40 cross_attention
     op=${pair%%:*}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     stage "bench-$op" "${pair##*:}" "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --op "$op" \
-        --providers "$PROVIDERS" --out "$OUT/results" ${BENCH_ARGS:-}
+        --providers "$PROVIDERS" --out "$RES" ${BENCH_ARGS:-}
 done
 stage profile 25 "$OUT/profile.txt" "$PY" -m mmfast bench --quick --device cuda --op sam_attention \
-    --op perceiver_resampler --providers mmfast --profile --out "$OUT/results"  # details: <op>-profile.txt in the tarball
+    --op perceiver_resampler --providers mmfast --profile --out "$RES"  # details: <op>-profile.txt in the tarball
 DEVICE_CLASS=$("$PY" -c "import torch; from mmfast import backend; print(backend._cuda_device_class(0)[0])" 2>/dev/null)
-stage tune 15 "$LOG" "$PY" -m mmfast tune "$OUT/results" \
+stage tune 15 "$LOG" "$PY" -m mmfast tune "$RES" \
     --source "benchmarks/gpu_check.sh on $(date -u +%F): $("$PY" -c 'import torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}")' 2>/dev/null)"
 [ -n "$DEVICE_CLASS" ] && [ -f "mmfast/tuning/$DEVICE_CLASS.json" ] && cp "mmfast/tuning/$DEVICE_CLASS.json" "$OUT/"
-if [ -d "$OUT/results" ]; then  # one file back instead of two per op (and the runner's RESULTS.md)
-    [ -f "$OUT/RESULTS.md" ] && mv "$OUT/RESULTS.md" "$OUT/results/"
-    tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
-fi
+[ -f "$TMP/RESULTS.md" ] && mv "$TMP/RESULTS.md" "$RES/"  # the runner's, written beside --out
+pack_results
 
 {
     echo "=== summary"

@@ -421,3 +421,23 @@ def test_a_graph_provider_is_checked_by_a_replay_on_other_values(monkeypatch):
     status = runner.check(provider, prep)
     assert status["forward"] == status["full"] == \
         "ERROR: NotCapturable: not capturable in a CUDA graph: RuntimeError: a sync"
+
+
+def test_cuda_timing_interleaves_blocks_of_the_providers():
+    """The CUDA timer's schedule (interleaved_blocks, no GPU needed): every step gets its calls, in CUDA_ROUNDS
+    blocks taken in turns with the first step rotating, and a step that raises drops out alone."""
+    log = []
+
+    def time_block(i, k):
+        log.append((i, k))
+        if i == 2 and len([e for e in log if e[0] == 2]) == 3:
+            raise RuntimeError("out of memory")
+        return [float(i)] * k
+
+    found = runner.interleaved_blocks([25, 10, 40, ValueError("not run")], time_block, rounds=5)
+    assert found[0] == [0.0] * 25 and found[1] == [1.0] * 10
+    assert isinstance(found[3], ValueError) and all(i != 3 for i, _ in log)
+    assert isinstance(found[2], RuntimeError)  # raised in its third block; the others went on
+    assert [i for i, _ in log[:4]] == [0, 1, 2, 1]  # round 0 from step 0, round 1 from step 1 (3 is skipped)
+    assert [k for i, k in log if i == 0] == [5] * 5 and sum(k for i, k in log if i == 1) == 10
+    assert runner.interleaved_blocks([3], lambda i, k: [1.0] * k, rounds=5) == [[1.0] * 3]  # fewer calls than rounds

@@ -521,17 +521,13 @@ def _once(step: Step):
 def time_steps(steps: list[Step], device: torch.device, budget: Budget) -> list[list[float] | Exception]:
     """Per-call times in ms of each step's run (or the exception it raised).
 
-    CPU: the steps take turns, one call each per round, so that load from other processes on a
-    shared machine falls on every provider alike and their ratios stay meaningful. CUDA: one
-    step after the other (the GPU is not shared)."""
+    The steps take turns, so that what drifts during a case (load from other processes on a shared CPU; on a
+    GPU the host's speed, clocks, the allocator) falls on every provider alike and their ratios stay
+    meaningful. CPU: one call each per round. CUDA: blocks of calls timed with events (interleaved_blocks);
+    timed one step after the other, a host-bound SAM forward of one code measured 1.36x and 0.86x upstream
+    in two runs minutes apart on the H200 of 2026-12-04."""
     if device.type == "cuda":
-        found = []
-        for step in steps:
-            try:
-                found.append(_time_cuda(step, device, budget))
-            except Exception as e:
-                found.append(e)
-        return found
+        return _time_cuda(steps, device, budget)
     found: list[list[float] | Exception] = [[] for _ in steps]
 
     def call(i: int, timed: bool) -> None:
@@ -558,28 +554,62 @@ def time_steps(steps: list[Step], device: torch.device, budget: Budget) -> list[
     return found
 
 
-def _time_cuda(step: Step, device, budget: Budget) -> list[float]:
+CUDA_ROUNDS = 10  # blocks per step on CUDA: each step's calls come in this many blocks, the steps taking turns
+
+
+def interleaved_blocks(calls: list[int | Exception], time_block: Callable[[int, int], list[float]],
+                       rounds: int = CUDA_ROUNDS) -> list[list[float] | Exception]:
+    """calls[i] calls of step i (an Exception: not run, returned as is), in `rounds` blocks per step taken
+    in turns, the order rotating each round; time_block(i, k) runs k calls of step i and returns their times.
+    A step that raises keeps its exception and drops out; the others go on."""
+    found: list[list[float] | Exception] = [e if isinstance(e, Exception) else [] for e in calls]
+    n = len(calls)
+    for r in range(rounds):
+        for i in [(r + j) % n for j in range(n)]:  # round r starts with step r mod n
+            if isinstance(found[i], Exception):
+                continue
+            k = calls[i] // rounds + (1 if r < calls[i] % rounds else 0)
+            if k == 0:
+                continue
+            try:
+                found[i].extend(time_block(i, k))
+            except Exception as e:  # e.g. out of memory: reported, the others go on
+                found[i] = e
+    return found
+
+
+def _time_cuda(steps: list[Step], device, budget: Budget) -> list[list[float] | Exception]:
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # > L2 of H100/H200 (50-60 MB)
-    torch.cuda.synchronize(device)
-    t0, warm = time.perf_counter(), 0
-    while warm < 3 or time.perf_counter() - t0 < budget.seconds / 10:  # clocks and caches settle
-        _once(step)
+    calls: list[int | Exception] = []
+    for step in steps:  # warm-up, and how many calls fit the budget
+        try:
+            torch.cuda.synchronize(device)
+            t0, warm = time.perf_counter(), 0
+            while warm < 3 or time.perf_counter() - t0 < budget.seconds / 10:  # clocks and caches settle
+                _once(step)
+                torch.cuda.synchronize(device)
+                warm += 1
+            per_call = (time.perf_counter() - t0) / warm  # an upper bound (includes the setup)
+            calls.append(int(min(budget.max_samples * 10,
+                                 max(budget.min_samples * 2, budget.seconds / 2 / max(per_call, 1e-6)))))
+        except Exception as e:
+            calls.append(e)
+
+    def time_block(i: int, k: int) -> list[float]:
+        events = []
+        for _ in range(k):
+            state = steps[i].setup()
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            steps[i].run(state)
+            end.record()
+            events.append((start, end))
+            del state
         torch.cuda.synchronize(device)
-        warm += 1
-    per_call = (time.perf_counter() - t0) / warm  # an upper bound (includes the setup)
-    n = int(min(budget.max_samples * 10, max(budget.min_samples * 2, budget.seconds / 2 / max(per_call, 1e-6))))
-    times = []
-    for _ in range(n):
-        state = step.setup()
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step.run(state)
-        end.record()
-        times.append((start, end))
-        del state
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in times]
+        return [start.elapsed_time(end) for start, end in events]
+
+    return interleaved_blocks(calls, time_block)
 
 
 def quantiles(samples: list[float]) -> tuple[float, float, float]:
