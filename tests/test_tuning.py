@@ -160,6 +160,24 @@ def test_sam_modules_run_upstreams_forward_where_the_table_says_so(cpu_table, mo
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_upstream_path_is_decided_once_per_forward(cpu_table, monkeypatch):
+    """Under the top-level drop-in's upstream forward its drop-in blocks and attentions do not ask the table
+    again (backend.run_upstream); used alone, an attention still asks; an error inside leaves no flag behind."""
+    model, _, inputs = _sam_pair()
+    cpu_table(_table(sam_attention={"float32": ["upstream"]}))
+    asked = []
+    real = fused_sam._module_backend
+    monkeypatch.setattr(fused_sam, "_module_backend", lambda *a: asked.append(len(a)) or real(*a))
+    model(*inputs)
+    assert asked == [2]  # the transformer's own question (point_embedding, its final attention)
+    attention = model.layers[0].cross_attn_token_to_image
+    attention(inputs[2], inputs[2], inputs[2])
+    assert asked == [2, 2] and not backend.in_upstream_forward()
+    with pytest.raises(RuntimeError):
+        backend.run_upstream(lambda: (_ for _ in ()).throw(RuntimeError("inside")))
+    assert not backend.in_upstream_forward()
+
+
 @pytest.mark.parametrize("dim, passed", [(128, "cpu"), (32, "auto")])
 def test_sam_fused_path_runs_where_the_table_names_a_kernel(cpu_table, monkeypatch, dim, passed):
     """dim 128, 4 heads: head dims 32 and 16, which the kernels take, so the table's kernel is passed down to
