@@ -11,6 +11,7 @@
 | flamingo_pytorch.flamingo_pytorch.PerceiverResampler        | PerceiverResampler             |
 | open_flamingo.src.helpers.PerceiverAttention                | PerceiverAttention             |
 | open_flamingo.src.helpers.PerceiverResampler                | OpenFlamingoPerceiverResampler |
+| transformers' Owlv2ClassPredictionHead / OwlViTClassPredictionHead | OwlClassHead             |
 
 Upstream classes are recognised by module path and class name, so none of those packages is imported here.
 A swap re-classes the instance (`module.__class__ = drop_in`): every drop-in subclasses mmfast's reference
@@ -44,6 +45,7 @@ _SAM_ATTENTION_ATTRS = ("num_heads", "internal_dim") + _SAM_ATTENTION_LINEARS
 _SAM_BLOCK_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
 _SAM_BLOCK_NORMS = ("norm1", "norm2", "norm3", "norm4")
 _PERCEIVER_ATTENTION_ATTRS = ("heads", "scale", "norm_media", "norm_latents", "to_q", "to_kv", "to_out")
+_OWL_HEAD_LINEARS = ("dense0", "logit_shift", "logit_scale")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ _SWAPS: tuple[_Swap, ...] = (
           _PERCEIVER_ATTENTION_ATTRS),
     _Swap("open_flamingo", "open_flamingo.src.helpers", "PerceiverResampler", _mmnn.OpenFlamingoPerceiverResampler,
           ("latents", "frame_embs", "media_time_embs", "layers", "norm")),
+    *(_Swap("transformers", f"transformers.models.{family}.modeling_{family}", name, _mmnn.OwlClassHead,
+            _OWL_HEAD_LINEARS + ("elu", "query_dim"), bypassed_layers=_OWL_HEAD_LINEARS)
+      for family, name in (("owlv2", "Owlv2ClassPredictionHead"), ("owlvit", "OwlViTClassPredictionHead"))),
 )
 _BY_UPSTREAM = {(s.module, s.name): s for s in _SWAPS}
 _SAM_ATTENTION_SWAPS = {s.drop_in for s in _SWAPS if s.name == "Attention"}
