@@ -50,7 +50,8 @@ def _masks(batch=2, queries=5):
     two_d = torch.ones(batch, queries, dtype=torch.bool)
     two_d[0, 3:] = False
     two_d[1, 0] = False
-    return {"none": None, "bool [B, Q]": two_d, "int [B, Q]": two_d.long(), "float [Q]": torch.tensor([1., 0, 1, 1, 0])}
+    return {"none": None, "bool [B, Q]": two_d, "int [B, Q]": two_d.long(), "float [Q]": torch.tensor([1., 0, 1, 1, 0]),
+            "nothing masked": torch.ones(batch, queries, dtype=torch.bool)}  # the CPU skips the fill
 
 
 def test_state_dict_keys_and_parameters_are_upstreams():

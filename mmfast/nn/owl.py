@@ -3,12 +3,13 @@ Owlv2ClassPredictionHead: same parameters, state_dict keys, forward and outputs;
 mmfast/reference/owl.py).
 
 Upstream runs three Linears over the patch embeddings (dense0 and the 1-wide logit_shift and logit_scale: three
-passes over image_embeds), normalizes the projected patches before the patch x query GEMM, then makes three
-more full [B, P, Q] tensors: + shift, * scale, where(mask). Here the three Linears are one GEMM (their weights
-stacked: one pass over image_embeds), the patch norms are folded into the per-patch factor, and the logits
-get one fused pass `logits * (scale / norm) + shift * scale` (in place when no gradient is needed) and, with a
-mask, one in-place fill. The GEMMs are the same; the math differs from upstream's only in rounding (the patch
-normalization is applied after the GEMM instead of before).
+passes over image_embeds), normalizes the projected patches into a new tensor before the patch x query GEMM,
+then makes three more full [B, P, Q] tensors: + shift, * scale, where(mask). Here the two 1-wide Linears are
+one GEMM, the patch norms are folded into a per-patch factor, and the logits get `logits * (scale / norm) +
+shift * scale` in place (out of place when autograd needs them) and, with a mask that masks something, one
+in-place fill. The GEMMs are the same; the math differs from upstream's only in rounding (the patch
+normalization is applied after the GEMM instead of before). OWLv2 at 960 px against LVIS on the dev CPU: see
+benchmarks/RESULTS.md, "owl_class_head".
 """
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ class OwlClassHead(_ref.OwlClassPredictionHead):
             if mask_shape not in ((query_shape[1],), (query_shape[0], query_shape[1]), (image_shape[0], query_shape[1])):
                 raise ValueError(f"mmfast: query_mask has shape {mask_shape}; expected [{query_shape[1]}] or "
                                  f"[B, {query_shape[1]}] (one entry per query of query_embeds {tuple(query_shape)})")
-        # One GEMM for dense0, logit_shift and logit_scale: [B, P, out_dim + 2].
-        weight = torch.cat((self.dense0.weight, self.logit_shift.weight, self.logit_scale.weight))
-        bias = torch.cat((self.dense0.bias, self.logit_shift.bias, self.logit_scale.bias))
-        projected = F.linear(image_embeds, weight, bias)
-        patches = projected[..., :out_dim]
-        shift = projected[..., out_dim:out_dim + 1]
-        scale = F.elu(projected[..., out_dim + 1:]) + 1
+        # dense0 alone keeps the patch GEMM's output contiguous and 512 wide; the two 1-wide heads run as one
+        # [vision, 2] GEMM (one pass over image_embeds instead of two). Stacking all three (514 outputs) measured
+        # 199 ms against 149 ms for 512 + 2 on the dev CPU, and the strided patches slowed the next GEMM 353 ms vs 317.
+        patches = self.dense0(image_embeds)
+        heads = F.linear(image_embeds, torch.cat((self.logit_shift.weight, self.logit_scale.weight)),
+                         torch.cat((self.logit_shift.bias, self.logit_scale.bias)))
+        shift = heads[..., :1]
+        scale = F.elu(heads[..., 1:]) + 1
         patch_scale = 1 / (torch.linalg.vector_norm(patches, dim=-1, keepdim=True) + EPS)
         queries = query_embeds / (torch.linalg.vector_norm(query_embeds, dim=-1, keepdim=True) + EPS)
         logits = torch.matmul(patches, queries.transpose(-1, -2))
@@ -72,6 +74,10 @@ class OwlClassHead(_ref.OwlClassPredictionHead):
         if query_mask is not None:
             masked = (query_mask == 0).unsqueeze(-2)
             lowest = torch.finfo(logits.dtype).min
-            logits = logits.masked_fill(masked, lowest) if grad else logits.masked_fill_(masked, lowest)
+            if grad:
+                logits = logits.masked_fill(masked, lowest)
+            elif (masked.device.type != "cpu" or torch.compiler.is_compiling()  # a CPU check is free; a GPU
+                  or bool(masked.any())):  # one is a host sync, and a traced one a graph break
+                logits.masked_fill_(masked, lowest)
             logits = logits.to(torch.float32)
         return logits, patches * patch_scale
