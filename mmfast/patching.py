@@ -12,6 +12,7 @@
 | open_flamingo.src.helpers.PerceiverAttention                | PerceiverAttention             |
 | open_flamingo.src.helpers.PerceiverResampler                | OpenFlamingoPerceiverResampler |
 | transformers' Owlv2ClassPredictionHead / OwlViTClassPredictionHead | OwlClassHead             |
+| transformers.models.llava.modeling_llava.LlavaMultiModalProjector | LlavaProjector            |
 
 Upstream classes are recognised by module path and class name, so none of those packages is imported here.
 A swap re-classes the instance (`module.__class__ = drop_in`): every drop-in subclasses mmfast's reference
@@ -92,6 +93,8 @@ _SWAPS: tuple[_Swap, ...] = (
           _PERCEIVER_ATTENTION_ATTRS),
     _Swap("open_flamingo", "open_flamingo.src.helpers", "PerceiverResampler", _mmnn.OpenFlamingoPerceiverResampler,
           ("latents", "frame_embs", "media_time_embs", "layers", "norm")),
+    _Swap("transformers", "transformers.models.llava.modeling_llava", "LlavaMultiModalProjector", _mmnn.LlavaProjector,
+          ("linear_1", "act", "linear_2")),
     *(_Swap("transformers", f"transformers.models.{family}.modeling_{family}", name, _mmnn.OwlClassHead,
             _OWL_HEAD_LINEARS + ("elu", "query_dim"), bypassed_layers=_OWL_HEAD_LINEARS)
       for family, name in (("owlv2", "Owlv2ClassPredictionHead"), ("owlvit", "OwlViTClassPredictionHead"))),

@@ -199,9 +199,7 @@ def test_bad_input():
 @pytest.mark.parametrize("act,bias,layers", [("gelu", True, -2), ("gelu_pytorch_tanh", True, -2), ("gelu_new", False, -2),
                                              ("quick_gelu", True, [-2, -5]), ("silu", True, -1)])
 def test_against_transformers_when_installed(act, bias, layers, gelu_calls):
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not a test pin (checked by hand against 5.25.0); the "
-                               "LLaVA-layout tests cover the module without it")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test pin (requirements.txt)")
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     config = transformers.LlavaConfig(
@@ -217,9 +215,14 @@ def test_against_transformers_when_installed(act, bias, layers, gelu_calls):
     torch.testing.assert_close(model(x), upstream(x), rtol=0, atol=0)
     if act != "gelu":
         return
-    # a patched instance (class swapped) keeps transformers' GELUActivation and still takes the in-place path
+    # mmfast.patch swaps the class; the instance keeps transformers' GELUActivation and takes the in-place path
+    import mmfast
+
     with torch.no_grad():
         expected = upstream(x)
-        upstream.__class__ = LlavaProjector
+        report = mmfast.patch(upstream)
+        assert [r.drop_in for r in report.replaced] == ["LlavaProjector"] and isinstance(upstream, LlavaProjector)
         assert torch.equal(upstream(x), expected)
     assert gelu_calls == ["none"]
+    mmfast.unpatch(upstream)
+    assert type(upstream) is LlavaMultiModalProjector
