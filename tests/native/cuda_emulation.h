@@ -14,7 +14,9 @@
 // copy, right because blocks never overlap; not refilled with NaN, so a block reads what the previous
 // block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
 // the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
-// g++ from fusing them into an fma), __int_as_float and the int min/max of device code.
+// g++ from fusing them into an fma), __int_as_float and the int min/max of device code; the tensor-core
+// mma.m16n8k16 (bf16/fp16 -> fp32) and ldmatrix of mmfast/mma.cuh, with the PTX fragment layouts (the mma's
+// fp32 summation order is fixed here, unspecified on the device: compare with a tolerance).
 //
 // What it cannot show: races that a real GPU's scheduling exposes, speed, and the device math library's
 // rounding: expf, exp2f, log1pf ... run as the host's libm, not as --use_fast_math's approximations.
@@ -25,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <bit>
@@ -41,6 +44,8 @@
 #include <vector>
 
 #define __launch_bounds__(...)
+// Lets device headers pick the emulated version of what has no host equivalent (mmfast/mma.cuh).
+#define MMFAST_EMULATION 1
 // Static __shared__ arrays become function-local statics: one copy for the one block that runs.
 #undef __shared__
 #define __shared__ static
@@ -71,12 +76,14 @@ struct NextBlock {
 struct Block {
   explicit Block(unsigned threads) : barrier(threads), next(threads, NextBlock{}) {
     for (auto& slots : exchange) slots.resize(threads);
+    for (auto& slots : fragments) slots.resize(threads);
     for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
   }
   std::barrier<> barrier;
   std::barrier<NextBlock> next;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange[2];  // shuffle slots, one per thread and wide enough for a double
+  std::vector<std::array<uint32_t, 6>> fragments[2];  // mma's A and B registers, one set per thread
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -100,6 +107,95 @@ V shfl_xor(V v, int lane_mask) {
   V r;
   std::memcpy(&r, &slots[w * 32 + (lane ^ static_cast<unsigned>(lane_mask))], sizeof(V));
   return r;
+}
+
+// ---- tensor cores: mma.m16n8k16 and ldmatrix (mmfast/mma.cuh calls these under emulation) --------------
+// Both follow the PTX ISA's fragment layouts (spelled out in mmfast/mma.cuh) and the shuffle's exchange:
+// every lane publishes its registers (or its row address) in its slot, the warp meets at its barrier, and
+// each lane reads the slots it needs. They take the next buffer of the same alternation as shfl_xor, so the
+// argument above covers any mix of shuffles, mma and ldmatrix. All 32 lanes must call them (.sync.aligned).
+
+// Element h (0: lower 16 bits, 1: upper) of a register holding a pair of T, as a float (exact).
+template <typename T>
+float fragment_element(uint32_t reg, unsigned h) {
+  const auto bits = static_cast<uint16_t>(reg >> (16 * h));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+  } else {
+    static_assert(std::is_same_v<T, __half>, "mma inputs are bf16 or fp16");
+    __half_raw raw;
+    raw.x = bits;
+    return __half2float(__half(raw));
+  }
+}
+
+// d = a @ b + c for the warp's 16x8x16 tile. The warp's A and B are rebuilt from all lanes' registers by the
+// layout table, then each lane computes its four outputs as ((c + p0) + p1) + ... + p15 in fp32, k in order.
+// The products of fp16/bf16 inputs are exact in fp32 (barring bf16 under/overflow); the hardware's summation
+// order and internal rounding are unspecified (and differ between architectures), so tests compare GPU and
+// emulated results with a tolerance of a few fp32 roundings of the sum of |products|.
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  const unsigned t = linear_thread, w = t / 32, lane = t % 32;
+  Block& blk = *current_block;
+  std::array<uint32_t, 6>* slots = blk.fragments[shuffle_parity].data();
+  shuffle_parity ^= 1;
+  slots[t] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  blk.warps[w]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const std::array<uint32_t, 6>& s = slots[w * 32 + l];
+    const unsigned g = l >> 2, q = l % 4;
+    for (unsigned h = 0; h < 2; ++h) {
+      A[g][2 * q + h] = fragment_element<T>(s[0], h);
+      A[g + 8][2 * q + h] = fragment_element<T>(s[1], h);
+      A[g][2 * q + 8 + h] = fragment_element<T>(s[2], h);
+      A[g + 8][2 * q + 8 + h] = fragment_element<T>(s[3], h);
+      B[2 * q + h][g] = fragment_element<T>(s[4], h);
+      B[2 * q + 8 + h][g] = fragment_element<T>(s[5], h);
+    }
+  }
+  const unsigned g = lane >> 2, q = lane % 4;
+  float out[4];
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * q + i % 2;
+    float acc = c[i];
+    for (unsigned k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    out[i] = acc;
+  }
+  for (unsigned i = 0; i < 4; ++i) d[i] = out[i];  // after reading c: d may alias it
+}
+
+// ldmatrix.sync.aligned.m8n8.x{Count}{.trans}.shared.b16: lanes 8j .. 8j+7 address rows 0..7 of matrix j.
+// A second warp barrier after the reads: on a GPU the warp's load completes before any lane's next
+// instruction, so a lane may overwrite the rows right after it (a misaligned row address aborts, as the
+// device would fault).
+template <int Count, bool Trans>
+void ldmatrix(uint32_t (&r)[Count], const void* row) {
+  const unsigned t = linear_thread, w = t / 32, lane = t % 32;
+  if (lane < 8 * Count && reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    std::fprintf(stderr, "emulated ldmatrix: lane %u of warp %u passes a row address %p not 16-byte aligned\n", lane,
+                 w, row);
+    std::abort();
+  }
+  Block& blk = *current_block;
+  uint64_t* slots = blk.exchange[shuffle_parity].data();
+  shuffle_parity ^= 1;
+  static_assert(sizeof(row) <= sizeof(uint64_t));
+  std::memcpy(&slots[t], &row, sizeof(row));
+  blk.warps[w]->arrive_and_wait();
+  auto element = [&](unsigned matrix, unsigned i, unsigned j) {  // (row i, col j) of the matrix
+    const unsigned char* p;
+    std::memcpy(&p, &slots[w * 32 + 8 * matrix + i], sizeof(p));
+    uint16_t e;
+    std::memcpy(&e, p + 2 * j, sizeof(e));
+    return static_cast<uint32_t>(e);
+  };
+  for (unsigned m = 0; m < static_cast<unsigned>(Count); ++m) {
+    const unsigned i = lane / 4, j = 2 * (lane % 4);  // the lane's pair in the (transposed) matrix
+    r[m] = Trans ? element(m, j, i) | element(m, j + 1, i) << 16 : element(m, i, j) | element(m, i, j + 1) << 16;
+  }
+  blk.warps[w]->arrive_and_wait();
 }
 
 // The std::threads persist across launches: creating one costs ~40 us (a 1024-thread launch 40 ms), waking

@@ -1,0 +1,101 @@
+// Tensor-core building blocks for mmfast's CUDA kernels: the warp-wide mma.m16n8k16 (fp16/bf16 inputs, fp32
+// accumulate) and ldmatrix, as inline PTX for sm_80 and later. Under tests/native/cuda_emulation.h (which
+// defines MMFAST_EMULATION) they call its CPU versions instead, which implement the same fragment layouts, so
+// a kernel's fragment bookkeeping is tested without a GPU.
+//
+// Every lane of a warp must call each of these together (they are .sync.aligned: full warp, no mask).
+// Notation of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"):
+// g = lane >> 2 (the group), t = lane % 4 (the thread in the group). A 32-bit register holds two 16-bit
+// elements, the lower-indexed one (column, or k for B) in its lower 16 bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace mmfast::cuda {
+
+// d = a @ b + c on one 16x8 tile, k = 16; T is __nv_bfloat16 or __half (a and b hold T pairs). d may alias c.
+//   a (16x16, row-major "row"): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1],
+//                               a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
+//   b (16x8, "col": pairs run along k): b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   c, d (16x8 fp32): [0] = (g, 2t), [1] = (g, 2t+1), [2] = (g+8, 2t), [3] = (g+8, 2t+1)
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             const float (&c)[4]) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma inputs are bf16 or fp16");
+#if defined(MMFAST_EMULATION)
+  ::mmfast_emulation::mma_m16n8k16<T>(d, a, b, c);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // Not volatile: a pure register operation the compiler may schedule freely.
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // no bf16 mma before sm_80: kernels using it must not run there
+#endif
+}
+
+// ldmatrix: Count (1, 2 or 4) 8x8 matrices of 16-bit elements from shared memory. Lanes 8j .. 8j+7 pass the
+// addresses of rows 0..7 of matrix j (16 bytes each, 16-byte aligned; the other lanes' addresses are
+// ignored). Lane l receives in r[j] the elements (row l/4, cols 2(l%4), 2(l%4)+1) of matrix j, or with
+// Trans of its transpose: (rows 2(l%4), 2(l%4)+1, col l/4), which turns a row-major [k][n] tile into mma's
+// "col" B fragment.
+template <int Count, bool Trans>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[Count], const void* smem_row) {
+  static_assert(Count == 1 || Count == 2 || Count == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if defined(MMFAST_EMULATION)
+  ::mmfast_emulation::ldmatrix<Count, Trans>(r, smem_row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  // volatile: it reads shared memory, so it must stay between the barriers that order the writes.
+  if constexpr (Count == 4 && !Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else if constexpr (Count == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else if constexpr (Count == 2 && !Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+  } else if constexpr (Count == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+  } else if constexpr (!Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // ldmatrix needs sm_75
+#endif
+}
+
+// The usual shapes: an A fragment (four 8x8 quadrants: rows 0-7/8-15 x cols 0-7/8-15, lane l addressing row
+// l % 16, col 8 * (l / 16)), and B fragments of a row-major [k][n] tile with .trans (x4: k 0-7/8-15 x two
+// 8-column n tiles, same addressing; x2: one n tile).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) { ldmatrix<4, false>(r, smem_row); }
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem_row) { ldmatrix<2, false>(r, smem_row); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  ldmatrix<4, true>(r, smem_row);
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* smem_row) {
+  ldmatrix<2, true>(r, smem_row);
+}
+
+}  // namespace mmfast::cuda

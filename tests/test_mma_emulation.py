@@ -1,0 +1,204 @@
+"""mmfast/mma.cuh's tensor-core wrappers (mma.m16n8k16 bf16/fp16 -> fp32, ldmatrix) without a GPU.
+
+tests/native/cuda_emulation.h emulates both on CPU threads with the PTX ISA's fragment layouts. The probes
+below build fragments and read results lane by lane with this file's own copy of the PTX tables (and closed
+forms for index-coded matrices), so a layout mistake in the emulator fails here even where a kernel makes the
+matching mistake; the tile GEMM of tests/native/mma_tile_gemm.cu then checks a kernel's fragment bookkeeping
+(ldmatrix addressing, .trans for a row-major B, ragged edges) against a float64 GEMM. nvcc compiles the same
+file for sm_80 and sm_90a, which assembles the real inline PTX.
+"""
+import os
+import random
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cuda_emulation import compile_driver
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "tests" / "native"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    # compile_driver looks in csrc/cuda/ for the kernels: this test-only .cu lives next to the driver.
+    return compile_driver("mma_emulated", "../../tests/native/mma_tile_gemm.cu", tmp_path_factory)
+
+
+# ---- the PTX tables, written out independently of the C++ (PTX ISA, "Matrix Fragments for mma.m16n8k16
+# with floating point type"; g = lane >> 2, t = lane % 4; the lower 16 bits hold the lower column / k) ------
+def bits16(x, dtype):
+    """The 16-bit patterns of x rounded to dtype, as Python ints."""
+    return [v & 0xFFFF for v in x.to(dtype).view(torch.int16).flatten().tolist()]
+
+
+def pack(lo, hi):
+    return lo | hi << 16
+
+
+def a_fragment(A, lane, dtype):
+    g, t = lane >> 2, lane % 4
+    e = lambda r, c: bits16(A[r, c], dtype)[0]
+    return [pack(e(g, 2 * t), e(g, 2 * t + 1)), pack(e(g + 8, 2 * t), e(g + 8, 2 * t + 1)),
+            pack(e(g, 2 * t + 8), e(g, 2 * t + 9)), pack(e(g + 8, 2 * t + 8), e(g + 8, 2 * t + 9))]
+
+
+def b_fragment(B, lane, dtype):
+    g, t = lane >> 2, lane % 4
+    e = lambda k, n: bits16(B[k, n], dtype)[0]
+    return [pack(e(2 * t, g), e(2 * t + 1, g)), pack(e(2 * t + 8, g), e(2 * t + 9, g))]
+
+
+def cd_positions(lane):
+    g, t = lane >> 2, lane % 4
+    return [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]
+
+
+def run_mma_probe(driver, tmp_path, dtype_name, problems):
+    """One mma per warp on (A 16x16, B 16x8, C 16x8) float64 tensors, fragments built by the table above; returns
+    each warp's D as the 32 lanes' 4 values, [warp][lane][i]."""
+    dtype = DTYPES[dtype_name]
+    payload = struct.pack("<i", len(problems))
+    for A, B, C in problems:
+        for lane in range(32):
+            c = [C[r, col].item() for r, col in cd_positions(lane)]
+            payload += struct.pack("<6I4f", *a_fragment(A, lane, dtype), *b_fragment(B, lane, dtype), *c)
+    (tmp_path / "mma.in").write_bytes(payload)
+    subprocess.run([str(driver), "mma", dtype_name, str(tmp_path / "mma.in"), str(tmp_path / "mma.out")], check=True,
+                   timeout=120, capture_output=True)
+    d = struct.unpack(f"<{128 * len(problems)}f", (tmp_path / "mma.out").read_bytes())
+    return [[list(d[128 * w + 4 * lane:128 * w + 4 * lane + 4]) for lane in range(32)] for w in range(len(problems))]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_mma_fragment_layout_closed_form(driver, tmp_path, dtype_name):
+    """Index-coded matrices whose every D entry is known per lane in closed form (all values exact in bf16/fp16
+    and in the fp32 sums): A[m, k] = 16 m + k times a selector B picks A's column n (or n + 8), so lane (g, t)
+    must hold 16 g + 2 t, 16 g + 2 t + 1, 16 (g + 8) + 2 t, ... ; a selector A (identity) times B[k, n] = 8 k + n
+    must give 8 g + 2 t, ...; C = 1000 * (lane + 1) + i is added in place. Four warps, one problem each (the
+    warps must not see each other's fragments)."""
+    coded_a = torch.arange(256, dtype=torch.float64).reshape(16, 16)
+    coded_b = torch.arange(128, dtype=torch.float64).reshape(16, 8)
+    select = lambda shift: torch.tensor([[1.0 if k == n + shift else 0.0 for n in range(8)] for k in range(16)])
+    C = torch.zeros(16, 8, dtype=torch.float64)
+    c_coded = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i, (r, col) in enumerate(cd_positions(lane)):
+            c_coded[r, col] = 1000 * (lane + 1) + i
+    problems = [(coded_a, select(0), C), (coded_a, select(8), C), (torch.eye(16, dtype=torch.float64), coded_b, C),
+                (coded_a, select(0), c_coded)]
+    d = run_mma_probe(driver, tmp_path, dtype_name, problems)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        assert d[0][lane] == [16 * g + 2 * t, 16 * g + 2 * t + 1, 16 * (g + 8) + 2 * t, 16 * (g + 8) + 2 * t + 1], lane
+        assert d[1][lane] == [16 * g + 2 * t + 8, 16 * g + 2 * t + 9, 16 * (g + 8) + 2 * t + 8,
+                              16 * (g + 8) + 2 * t + 9], lane
+        assert d[2][lane] == [8 * g + 2 * t, 8 * g + 2 * t + 1, 8 * (g + 8) + 2 * t, 8 * (g + 8) + 2 * t + 1], lane
+        assert d[3][lane] == [v + 1000 * (lane + 1) + i for i, v in enumerate(d[0][lane])], lane
+    # Spot values straight from the PTX figure: lane 0 holds D[0][0:2], D[8][0:2]; lane 31 (g 7, t 3) D[7][6:8],
+    # D[15][6:8].
+    assert d[0][0] == [0, 1, 128, 129] and d[0][31] == [118, 119, 246, 247]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_mma_random_fragments_match_float64(driver, tmp_path, dtype_name):
+    """Random A, B, C (two warps): each lane's D equals C + A @ B at the table's positions, to the fixed-order fp32
+    summation's bound (16 additions, exact products)."""
+    g = torch.Generator().manual_seed(5)
+    dtype = DTYPES[dtype_name]
+    problems = [(torch.randn(16, 16, generator=g, dtype=torch.float64).to(dtype).double(),
+                 torch.randn(16, 8, generator=g, dtype=torch.float64).to(dtype).double(),
+                 torch.randn(16, 8, generator=g, dtype=torch.float64).float().double()) for _ in range(2)]
+    d = run_mma_probe(driver, tmp_path, dtype_name, problems)
+    for w, (A, B, C) in enumerate(problems):
+        want = A @ B + C
+        scale = A.abs() @ B.abs() + C.abs()
+        for lane in range(32):
+            for i, (r, col) in enumerate(cd_positions(lane)):
+                err = abs(d[w][lane][i] - want[r, col].item())
+                assert err <= 17 * 2.0 ** -24 * scale[r, col].item(), (w, lane, i, d[w][lane][i], want[r, col].item())
+
+
+def test_ldmatrix_layouts(driver, tmp_path):
+    """ldmatrix x4, x2, x4.trans and x2.trans against the PTX table: lanes 8j..8j+7 address rows 0..7 of matrix j
+    (here rows scattered through shared memory in random order, two warps with different rows), lane l receives
+    (row l/4, cols 2(l%4), +1) of matrix j in r[j], or of its transpose; x2 ignores lanes 16-31's addresses. Every
+    stored element is its own index, so a wrong row, column or half shows."""
+    warps, n_rows = 2, 80
+    rows = list(range(8 * n_rows))  # element (row s, col c) of shared memory holds 8 s + c
+    rng = random.Random(3)
+    row_of_thread = rng.sample(range(n_rows), 32 * warps)
+    payload = struct.pack(f"<2i{8 * n_rows}H{32 * warps}i", warps, n_rows, *rows, *row_of_thread)
+    (tmp_path / "ld.in").write_bytes(payload)
+    subprocess.run([str(driver), "ldmatrix", str(tmp_path / "ld.in"), str(tmp_path / "ld.out")], check=True,
+                   timeout=120, capture_output=True)
+    out = struct.unpack(f"<{12 * 32 * warps}I", (tmp_path / "ld.out").read_bytes())
+    for w in range(warps):
+        def element(j, i, c):  # (row i, col c) of matrix j: the row lane 8j + i of warp w addressed
+            return 8 * row_of_thread[32 * w + 8 * j + i] + c
+
+        for lane in range(32):
+            r, c = lane // 4, 2 * (lane % 4)
+            plain = [pack(element(j, r, c), element(j, r, c + 1)) for j in range(4)]
+            trans = [pack(element(j, c, r), element(j, c + 1, r)) for j in range(4)]
+            got = out[12 * (32 * w + lane):12 * (32 * w + lane + 1)]
+            assert list(got[0:4]) == plain, (w, lane, "x4")
+            assert list(got[4:6]) == plain[:2], (w, lane, "x2")
+            assert list(got[6:10]) == trans, (w, lane, "x4.trans")
+            assert list(got[10:12]) == trans[:2], (w, lane, "x2.trans")
+    # Closed form for warp 0, lane 5 (row 1, cols 2-3; transposed: rows 2-3, col 1) of matrix 0.
+    row = row_of_thread
+    assert out[12 * 5] == pack(8 * row[1] + 2, 8 * row[1] + 3)
+    assert out[12 * 5 + 6] == pack(8 * row[2] + 1, 8 * row[3] + 1)
+
+
+# (M, N, K): whole tiles; every dimension ragged (K not a multiple of 16 either); single elements; K = 0.
+GEMM_SHAPES = {"64x64x64": (64, 64, 64), "37x19x40": (37, 19, 40), "33x65x17": (33, 65, 17), "1x1x1": (1, 1, 1),
+               "5x3x0": (5, 3, 0)}
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_mma_tile_gemm_emulated(driver, dtype_name, shape):
+    """The tile GEMM (2x2 warps, 32x32x32 shared-memory tiles, ldmatrix x4 for A, x4.trans for the row-major B,
+    zero-padded edges) against float64 of the same rounded inputs. Exact products summed in fp32: every entry
+    within the recursive summation bound K 2^-24 sum_k |a_ik b_kj| (bound_ratio <= 1), the whole within 1e-6 in
+    the Frobenius norm; no NaN (a missed write or a read past an input) and no write past C."""
+    run = subprocess.run([str(driver), "gemm", dtype_name, *map(str, shape)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    values = run.stdout.split()
+    got = {name: float(values[values.index(name) + 1]) for name in ("bound_ratio", "rel_fro", "bad")}
+    assert got["bad"] == 0, run.stdout
+    assert got["bound_ratio"] <= 1.0, run.stdout
+    assert got["rel_fro"] <= 1e-6, run.stdout
+
+
+def test_mma_kernels_compile_for_sm80_and_sm90a(tmp_path):
+    """nvcc compiles tests/native/mma_tile_gemm.cu (host and device code) for sm_80 and sm_90a with the package's
+    flags, so ptxas assembles mma.cuh's inline PTX for both; the sm_90a PTX must hold the tensor-core
+    instructions themselves (not the __trap fallback). ~5 s."""
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    flags = ["-O3", "-std=c++20", "--use_fast_math", f"-I{ROOT / 'csrc' / 'include'}"]
+    source = str(NATIVE / "mma_tile_gemm.cu")
+    built = subprocess.run([nvcc, *flags, "-c", "-gencode=arch=compute_80,code=sm_80",
+                            "-gencode=arch=compute_90a,code=sm_90a", source, "-o", str(tmp_path / "mma.o")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-6000:]
+    ptx = subprocess.run([nvcc, *flags, "-ptx", "-arch=sm_90a", source, "-o", str(tmp_path / "mma.ptx")],
+                         capture_output=True, text=True, timeout=300)
+    assert ptx.returncode == 0, ptx.stderr[-6000:]
+    text = (tmp_path / "mma.ptx").read_text()
+    for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+                        "ldmatrix.sync.aligned.m8n8.x2.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"):
+        assert instruction in text, instruction
+    assert "trap;" not in text
