@@ -125,11 +125,12 @@ def test_mma_random_fragments_match_float64(driver, tmp_path, dtype_name):
 
 
 def test_ldmatrix_layouts(driver, tmp_path):
-    """ldmatrix x4, x2, x4.trans and x2.trans against the PTX table: lanes 8j..8j+7 address rows 0..7 of matrix j
+    """ldmatrix x4, x2, x1 and their .trans against the PTX table: lanes 8j..8j+7 address rows 0..7 of matrix j
     (here rows scattered through shared memory in random order, two warps with different rows), lane l receives
-    (row l/4, cols 2(l%4), +1) of matrix j in r[j], or of its transpose; x2 ignores lanes 16-31's addresses. Every
-    stored element is its own index, so a wrong row, column or half shows."""
-    warps, n_rows = 2, 80
+    (row l/4, cols 2(l%4), +1) of matrix j in r[j], or of its transpose; x2 and x1 ignore the addresses of lanes
+    16-31 and 8-31. Every stored element is its own index, so a wrong row, column or half shows. A shuffle between
+    the loads must still see its neighbour's value."""
+    warps, n_rows, words = 2, 80, 15
     rows = list(range(8 * n_rows))  # element (row s, col c) of shared memory holds 8 s + c
     rng = random.Random(3)
     row_of_thread = rng.sample(range(n_rows), 32 * warps)
@@ -137,7 +138,7 @@ def test_ldmatrix_layouts(driver, tmp_path):
     (tmp_path / "ld.in").write_bytes(payload)
     subprocess.run([str(driver), "ldmatrix", str(tmp_path / "ld.in"), str(tmp_path / "ld.out")], check=True,
                    timeout=120, capture_output=True)
-    out = struct.unpack(f"<{12 * 32 * warps}I", (tmp_path / "ld.out").read_bytes())
+    out = struct.unpack(f"<{words * 32 * warps}I", (tmp_path / "ld.out").read_bytes())
     for w in range(warps):
         def element(j, i, c):  # (row i, col c) of matrix j: the row lane 8j + i of warp w addressed
             return 8 * row_of_thread[32 * w + 8 * j + i] + c
@@ -146,15 +147,18 @@ def test_ldmatrix_layouts(driver, tmp_path):
             r, c = lane // 4, 2 * (lane % 4)
             plain = [pack(element(j, r, c), element(j, r, c + 1)) for j in range(4)]
             trans = [pack(element(j, c, r), element(j, c + 1, r)) for j in range(4)]
-            got = out[12 * (32 * w + lane):12 * (32 * w + lane + 1)]
-            assert list(got[0:4]) == plain, (w, lane, "x4")
-            assert list(got[4:6]) == plain[:2], (w, lane, "x2")
-            assert list(got[6:10]) == trans, (w, lane, "x4.trans")
-            assert list(got[10:12]) == trans[:2], (w, lane, "x2.trans")
+            got = list(out[words * (32 * w + lane):words * (32 * w + lane + 1)])
+            assert got[0:4] == plain, (w, lane, "x4")
+            assert got[4:6] == plain[:2], (w, lane, "x2")
+            assert got[6:7] == plain[:1], (w, lane, "x1")
+            assert got[7:11] == trans, (w, lane, "x4.trans")
+            assert got[11:13] == trans[:2], (w, lane, "x2.trans")
+            assert got[13:14] == trans[:1], (w, lane, "x1.trans")
+            assert got[14] == (32 * w + lane) ^ 1, (w, lane, "shuffle")
     # Closed form for warp 0, lane 5 (row 1, cols 2-3; transposed: rows 2-3, col 1) of matrix 0.
     row = row_of_thread
-    assert out[12 * 5] == pack(8 * row[1] + 2, 8 * row[1] + 3)
-    assert out[12 * 5 + 6] == pack(8 * row[2] + 1, 8 * row[3] + 1)
+    assert out[words * 5] == pack(8 * row[1] + 2, 8 * row[1] + 3)
+    assert out[words * 5 + 7] == pack(8 * row[2] + 1, 8 * row[3] + 1)
 
 
 # (M, N, K): whole tiles; every dimension ragged (K not a multiple of 16 either); single elements; K = 0.
@@ -199,6 +203,7 @@ def test_mma_kernels_compile_for_sm80_and_sm90a(tmp_path):
     for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
                         "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
-                        "ldmatrix.sync.aligned.m8n8.x2.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"):
+                        "ldmatrix.sync.aligned.m8n8.x2.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
+                        "ldmatrix.sync.aligned.m8n8.x1.shared.b16", "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16"):
         assert instruction in text, instruction
     assert "trap;" not in text

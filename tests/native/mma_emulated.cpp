@@ -5,7 +5,7 @@
 //   mma bf16|fp16 IN OUT     the mma probe: IN = int32 warps, then per thread a[4] (u32), b[2] (u32), c[4] (f32);
 //                            OUT = per thread d[4] (f32)
 //   ldmatrix IN OUT          the ldmatrix probe: IN = int32 warps, int32 rows, rows x 8 u16, per thread the
-//                            int32 row it addresses; OUT = per thread 12 u32 (x4, x2, x4.trans, x2.trans)
+//                            int32 row it addresses; OUT = per thread 15 u32 (see ldmatrix_probe_kernel)
 #include "cuda_emulation.h"
 
 #include "mma_tile_gemm.cu"
@@ -156,7 +156,7 @@ int run_ldmatrix_probe(const char* in, const char* out) {
       std::fprintf(stderr, "row %d out of range\n", row);
       return 2;
     }
-  std::vector<uint32_t> regs(12 * 32 * static_cast<size_t>(warps), 0xdeadbeefu);
+  std::vector<uint32_t> regs(mt::kLdmatrixProbeWords * 32 * static_cast<size_t>(warps), 0xdeadbeefu);
   launched(mt::ldmatrix_probe(rows.data(), n_rows, row_of_thread.data(), regs.data(), warps, nullptr));
   write_file(out, regs.data(), regs.size() * sizeof(uint32_t));
   return 0;

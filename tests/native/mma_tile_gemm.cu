@@ -90,7 +90,11 @@ __global__ void mma_probe_kernel(const uint32_t* a, const uint32_t* b, const flo
 }
 
 // rows[n_rows][8] (16-bit) copied to shared memory; thread t passes the address of row row_of_thread[t] to
-// ldmatrix x4, x2, x4.trans and x2.trans and writes the 12 registers to out[12 * t ...] in that order.
+// ldmatrix x4, x2, x1, x4.trans, x2.trans and x1.trans and writes the 14 registers to out[15 * t ...] in that
+// order, then the thread index of lane t ^ 1, shuffled between the loads (shuffles and ldmatrix share the
+// emulator's exchange buffers).
+constexpr int kLdmatrixProbeWords = 15;
+
 __global__ void ldmatrix_probe_kernel(const uint16_t* rows, int n_rows, const int* row_of_thread, uint32_t* out) {
   MMFAST_DYNAMIC_SMEM(unsigned char, smem);
   uint16_t* s = reinterpret_cast<uint16_t*>(smem);
@@ -98,16 +102,22 @@ __global__ void ldmatrix_probe_kernel(const uint16_t* rows, int n_rows, const in
   for (int i = t; i < 8 * n_rows; i += blockDim.x) s[i] = rows[i];
   __syncthreads();
   const uint16_t* row = s + 8 * row_of_thread[t];
-  uint32_t x4[4], x2[2], x4t[4], x2t[2];
+  uint32_t x4[4], x2[2], x1[1], x4t[4], x2t[2], x1t[1];
   ldmatrix_x4(x4, row);
   ldmatrix_x2(x2, row);
+  const uint32_t neighbour = __shfl_xor_sync(0xffffffffu, static_cast<uint32_t>(t), 1);
+  ldmatrix<1, false>(x1, row);
   ldmatrix_x4_trans(x4t, row);
   ldmatrix_x2_trans(x2t, row);
-  uint32_t* o = out + 12 * t;
+  ldmatrix<1, true>(x1t, row);
+  uint32_t* o = out + kLdmatrixProbeWords * t;
   for (int i = 0; i < 4; ++i) o[i] = x4[i];
   for (int i = 0; i < 2; ++i) o[4 + i] = x2[i];
-  for (int i = 0; i < 4; ++i) o[6 + i] = x4t[i];
-  for (int i = 0; i < 2; ++i) o[10 + i] = x2t[i];
+  o[6] = x1[0];
+  for (int i = 0; i < 4; ++i) o[7 + i] = x4t[i];
+  for (int i = 0; i < 2; ++i) o[11 + i] = x2t[i];
+  o[13] = x1t[0];
+  o[14] = neighbour;
 }
 
 template <typename T>
