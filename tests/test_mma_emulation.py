@@ -161,6 +161,17 @@ def test_ldmatrix_layouts(driver, tmp_path):
     assert out[words * 5 + 7] == pack(8 * row[2] + 1, 8 * row[3] + 1)
 
 
+def test_ldmatrix_misaligned_row_aborts(driver, tmp_path):
+    """A row address off 16-byte alignment (lane 3's, by one element) stops the emulated kernel with a message,
+    where a GPU would fault."""
+    payload = struct.pack("<2i256H32i", 1, 32, *range(256), *range(32))
+    (tmp_path / "ld.in").write_bytes(payload)
+    run = subprocess.run([str(driver), "ldmatrix", str(tmp_path / "ld.in"), str(tmp_path / "ld.out"), "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "lane 3 of warp 0 passes a row address" in run.stderr and "not 16-byte aligned" in run.stderr
+
+
 # (M, N, K): whole tiles; every dimension ragged (K not a multiple of 16 either); single elements; K = 0.
 GEMM_SHAPES = {"64x64x64": (64, 64, 64), "37x19x40": (37, 19, 40), "33x65x17": (33, 65, 17), "1x1x1": (1, 1, 1),
                "5x3x0": (5, 3, 0)}

@@ -4,8 +4,9 @@
 //                            the same rounded inputs (see run_gemm)
 //   mma bf16|fp16 IN OUT     the mma probe: IN = int32 warps, then per thread a[4] (u32), b[2] (u32), c[4] (f32);
 //                            OUT = per thread d[4] (f32)
-//   ldmatrix IN OUT          the ldmatrix probe: IN = int32 warps, int32 rows, rows x 8 u16, per thread the
-//                            int32 row it addresses; OUT = per thread 15 u32 (see ldmatrix_probe_kernel)
+//   ldmatrix IN OUT [SHIFT]  the ldmatrix probe: IN = int32 warps, int32 rows, rows x 8 u16, per thread the
+//                            int32 row it addresses; OUT = per thread 15 u32 (see ldmatrix_probe_kernel);
+//                            SHIFT (elements) misaligns lane 3's row address
 #include "cuda_emulation.h"
 
 #include "mma_tile_gemm.cu"
@@ -144,7 +145,7 @@ int run_mma_probe(const char* in, const char* out) {
   return 0;
 }
 
-int run_ldmatrix_probe(const char* in, const char* out) {
+int run_ldmatrix_probe(const char* in, const char* out, int shift) {
   const std::vector<char> bytes = read_file(in);
   Reader r{bytes};
   const auto head = r.take<int32_t>(2);
@@ -157,13 +158,13 @@ int run_ldmatrix_probe(const char* in, const char* out) {
       return 2;
     }
   std::vector<uint32_t> regs(mt::kLdmatrixProbeWords * 32 * static_cast<size_t>(warps), 0xdeadbeefu);
-  launched(mt::ldmatrix_probe(rows.data(), n_rows, row_of_thread.data(), regs.data(), warps, nullptr));
+  launched(mt::ldmatrix_probe(rows.data(), n_rows, row_of_thread.data(), shift, regs.data(), warps, nullptr));
   write_file(out, regs.data(), regs.size() * sizeof(uint32_t));
   return 0;
 }
 
 int usage() {
-  std::fprintf(stderr, "usage: mma_emulated gemm bf16|fp16 M N K | mma bf16|fp16 IN OUT | ldmatrix IN OUT\n");
+  std::fprintf(stderr, "usage: mma_emulated gemm bf16|fp16 M N K | mma bf16|fp16 IN OUT | ldmatrix IN OUT [SHIFT]\n");
   return 2;
 }
 
@@ -172,7 +173,8 @@ int usage() {
 int main(int argc, char** argv) {
   if (argc < 2) return usage();
   const std::string mode = argv[1];
-  if (mode == "ldmatrix" && argc == 4) return run_ldmatrix_probe(argv[2], argv[3]);
+  if (mode == "ldmatrix" && (argc == 4 || argc == 5))
+    return run_ldmatrix_probe(argv[2], argv[3], argc == 5 ? std::atoi(argv[4]) : 0);
   if (argc < 3) return usage();
   const std::string dtype = argv[2];
   if (dtype != "bf16" && dtype != "fp16") return usage();

@@ -92,16 +92,17 @@ __global__ void mma_probe_kernel(const uint32_t* a, const uint32_t* b, const flo
 // rows[n_rows][8] (16-bit) copied to shared memory; thread t passes the address of row row_of_thread[t] to
 // ldmatrix x4, x2, x1, x4.trans, x2.trans and x1.trans and writes the 14 registers to out[15 * t ...] in that
 // order, then the thread index of lane t ^ 1, shuffled between the loads (shuffles and ldmatrix share the
-// emulator's exchange buffers).
+// emulator's exchange buffers). shift moves lane 3's address by that many elements (a misaligned row).
 constexpr int kLdmatrixProbeWords = 15;
 
-__global__ void ldmatrix_probe_kernel(const uint16_t* rows, int n_rows, const int* row_of_thread, uint32_t* out) {
+__global__ void ldmatrix_probe_kernel(const uint16_t* rows, int n_rows, const int* row_of_thread, int shift,
+                                      uint32_t* out) {
   MMFAST_DYNAMIC_SMEM(unsigned char, smem);
   uint16_t* s = reinterpret_cast<uint16_t*>(smem);
   const int t = threadIdx.x;
   for (int i = t; i < 8 * n_rows; i += blockDim.x) s[i] = rows[i];
   __syncthreads();
-  const uint16_t* row = s + 8 * row_of_thread[t];
+  const uint16_t* row = s + 8 * row_of_thread[t] + (t == 3 ? shift : 0);
   uint32_t x4[4], x2[2], x1[1], x4t[4], x2t[2], x1t[1];
   ldmatrix_x4(x4, row);
   ldmatrix_x2(x2, row);
@@ -126,10 +127,10 @@ cudaError_t mma_probe(const uint32_t* a, const uint32_t* b, const float* c, floa
   return cudaGetLastError();
 }
 
-inline cudaError_t ldmatrix_probe(const uint16_t* rows, int n_rows, const int* row_of_thread, uint32_t* out, int warps,
-                                  cudaStream_t stream) {
+inline cudaError_t ldmatrix_probe(const uint16_t* rows, int n_rows, const int* row_of_thread, int shift, uint32_t* out,
+                                  int warps, cudaStream_t stream) {
   MMFAST_LAUNCH(ldmatrix_probe_kernel, 1, 32 * warps, static_cast<size_t>(16) * n_rows, stream, rows, n_rows,
-                row_of_thread, out);
+                row_of_thread, shift, out);
   return cudaGetLastError();
 }
 
