@@ -401,8 +401,9 @@ def _bad_calls():
     img, txt = torch.randn(4, 8), torch.randn(5, 8)
     cases = [
         ((img, torch.randn(5, 9)), {}, ValueError, "feature dim D mismatch.*image_features.*text_features"),
-        ((torch.randn(4), txt), {}, ValueError, "image_features must have 2 dimensions"),
-        ((img, torch.randn(2, 5, 8)), {}, ValueError, "text_features must have 2 dimensions"),
+        ((torch.randn(4), txt), {}, ValueError, "image_features must have 2 or 3 dimensions"),
+        ((img, torch.randn(2, 5, 8)), {}, ValueError, r"text_features \(2, 5, 8\) is batched: image_features must be"),
+        ((img, torch.randn(2, 5, 8, 1)), {}, ValueError, "text_features must have 2 or 3 dimensions"),
         ((torch.randn(0, 8), txt), {}, ValueError, "image_features must not be empty"),
         ((img, torch.randn(0, 8)), {}, ValueError, "text_features must not be empty"),
         ((img.long(), txt.long()), {}, TypeError, "image_features must be a floating tensor"),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.ops._checks import tensor_shape
+from mmfast.ops.similarity_softmax import scaled_logits
 from mmfast.reference import owl as _ref
 
 EPS = 1e-6  # upstream's norm offset
@@ -64,20 +65,8 @@ class OwlClassHead(_ref.OwlClassPredictionHead):
         scale = F.elu(heads[..., 1:]) + 1
         patch_scale = 1 / (torch.linalg.vector_norm(patches, dim=-1, keepdim=True) + EPS)
         queries = query_embeds / (torch.linalg.vector_norm(query_embeds, dim=-1, keepdim=True) + EPS)
-        logits = torch.matmul(patches, queries.transpose(-1, -2))
-        factor, offset = patch_scale * scale, shift * scale  # [B, P, 1]
-        grad = torch.is_grad_enabled() and (logits.requires_grad or factor.requires_grad)
-        if grad:
-            logits = torch.addcmul(offset, logits, factor)
-        else:  # the GEMM's own output, updated in one pass
-            logits.mul_(factor).add_(offset)
+        grad = torch.is_grad_enabled() and (patches.requires_grad or scale.requires_grad or queries.requires_grad)
+        logits = scaled_logits(patches, queries, patch_scale * scale, shift * scale, query_mask, grad)
         if query_mask is not None:
-            masked = (query_mask == 0).unsqueeze(-2)
-            lowest = torch.finfo(logits.dtype).min
-            if grad:
-                logits = logits.masked_fill(masked, lowest)
-            elif (masked.device.type != "cpu" or torch.compiler.is_compiling()  # a CPU check is free; a GPU
-                  or bool(masked.any())):  # one is a host sync, and a traced one a graph break
-                logits.masked_fill_(masked, lowest)
             logits = logits.to(torch.float32)
         return logits, patches * patch_scale

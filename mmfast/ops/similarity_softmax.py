@@ -9,11 +9,16 @@ of the Triton ones (the native operators' autograd is C++, csrc/autograd.cpp).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+import torch.nn.functional as F
 
 from mmfast import backend as _backend
 from mmfast.ops import _eager
-from mmfast.ops._checks import check_dim_match, check_same_device_dtype, check_scalar, check_tensor, scalar_tensor
+from mmfast.ops._checks import (check_dim_match, check_same_device_dtype, check_scalar, check_tensor, scalar_tensor,
+                                tensor_shape)
 from mmfast.reference import similarity_softmax as _ref
 
 OP = "similarity_softmax"
@@ -105,9 +110,118 @@ if _backend._triton_error is None:
     _KERNELS["triton"] = (tuple(getattr(torch.ops.mmfast, n).default for n in _TRITON), None, None)
 
 
+# ---- the batched, per-row and masked form (grounding and open-vocabulary heads) ----------------------
+def _per_row(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 1
+
+
+def _check_row_factor(name: str, value, image: torch.Tensor):
+    """A scalar (number, 0-dim or [1] tensor) or a per-row tensor [..., N, 1] of image's leading shape, finite.
+    CUDA tensors are checked by an asynchronous device assert (no host sync)."""
+    if _per_row(value):
+        want = (*image.shape[:-1], 1)
+        if tuple(value.shape) != want:
+            raise ValueError(f"mmfast: {name} must be a scalar or a per-row tensor of shape {list(want)}, "
+                             f"got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"mmfast: {name} must be a floating tensor, got {value.dtype}")
+        if value.device != image.device:
+            raise ValueError(f"mmfast: {name} is on {value.device} but the features are on {image.device}")
+    else:
+        check_scalar(name, value, image)
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise ValueError(f"mmfast: {name} must be finite, got {value}")
+    elif value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"mmfast: {name} must be finite, got non-finite values")
+    else:  # traced, or on a GPU: checked where the values are, without a host sync (a failure stops the process)
+        torch._assert_async(torch.isfinite(value).all(), f"mmfast: {name} must be finite")
+    return value
+
+
+def _batched(image, text, logit_scale, logit_bias, normalize, activation, query_mask, topk, topk_dim, backend):
+    """similarity_softmax's form for batched features, per-row scales and shifts, query masks and top-k over
+    either axis: torch's GEMM with one fused pass over the logits (norms folded into a per-row factor, in place
+    where autograd keeps nothing); backend "reference" (and float64) runs mmfast.reference line by line."""
+    image_shape = tensor_shape("image_features", image, (2, 3))
+    text_shape = tensor_shape("text_features", text, (2, 3))
+    check_same_device_dtype(("image_features", "text_features"), image, text)
+    check_dim_match("image_features", image, -1, "text_features", text, -1, "feature dim D")
+    if len(text_shape) == 3 and (len(image_shape) == 2 or text_shape[0] not in (1, image_shape[0])):
+        raise ValueError(f"mmfast: text_features {tuple(text_shape)} is batched: image_features must be [B, N, D] "
+                         f"with B = {text_shape[0]} (or text batch 1, shared), got {tuple(image_shape)}")
+    classes, rows = text_shape[-2], image_shape[-2]
+    _check_row_factor("logit_scale", logit_scale, image)
+    if logit_bias is not None:
+        _check_row_factor("logit_bias", logit_bias, image)
+    if query_mask is not None:
+        if not isinstance(query_mask, torch.Tensor):
+            raise TypeError(f"mmfast: query_mask must be a tensor, got {type(query_mask).__name__}")
+        batch = image_shape[0] if len(image_shape) == 3 else None
+        allowed = {(classes,)} | ({(batch, classes), (1, classes)} if batch is not None else set())
+        if tuple(query_mask.shape) not in allowed:
+            raise ValueError(f"mmfast: query_mask must have shape [{classes}]" + (f" or [{batch}, {classes}]" if batch
+                             else "") + f" (one entry per class of text_features), got {tuple(query_mask.shape)}")
+        if query_mask.device != image.device:
+            raise ValueError(f"mmfast: query_mask is on {query_mask.device} but the features are on {image.device}")
+    if topk_dim not in (-1, -2):
+        raise ValueError(f"mmfast: topk_dim must be -1 (top classes per row) or -2 (top rows per class), got {topk_dim!r}")
+    if topk is not None:
+        size = classes if topk_dim == -1 else rows
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= size:
+            raise ValueError(f"mmfast: topk must be an int in [1, {size}] ({'C' if topk_dim == -1 else 'N'}), "
+                             f"got {topk!r}")
+    name = backend if backend is not None else _backend.get_backend()
+    if name == "reference" or image.dtype == torch.float64:
+        return _ref.similarity_batched(image, text, logit_scale, logit_bias, normalize, activation, query_mask, topk,
+                                       topk_dim)
+    if name != "auto":
+        raise ValueError(f"mmfast: similarity_softmax's batched / per-row / masked form runs torch's GEMM with a fused "
+                         f"epilogue (backend 'auto') or the reference; the {name!r} kernels take 2-D features and "
+                         f"scalar scales only")
+    factor = logit_scale
+    if normalize:  # F.normalize's x / max(||x||, 1e-12), the image side folded into the per-row factor
+        factor = logit_scale / torch.linalg.vector_norm(image, dim=-1, keepdim=True).clamp_min(1e-12)
+        text = F.normalize(text, dim=-1)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (image, text, logit_scale, logit_bias)
+                                           if isinstance(t, torch.Tensor))
+    logits = scaled_logits(image, text, factor, logit_bias, query_mask, grad)
+    if activation == "softmax":
+        logits = logits.softmax(dim=-1)
+    elif activation == "sigmoid":
+        logits = torch.sigmoid(logits) if grad else logits.sigmoid_()
+    return logits if topk is None else logits.topk(topk, dim=topk_dim)
+
+
+def scaled_logits(image, text, factor, offset, query_mask, grad: bool):
+    """image @ text^T * factor + offset ([..., N, C]; factor and offset scalars or per row [..., N, 1]), the classes
+    whose query_mask entry is 0 at the dtype's lowest value: one GEMM, then one pass over its output in place
+    (out of place where grad: autograd keeps the product) and, where something is masked, one fill. No checks
+    (the callers': similarity_softmax's batched form, mmfast.nn.OwlClassHead). Upstream heads make a tensor per
+    step instead (OWLv2's class head: benchmarks/owl.py, figures in benchmarks/RESULTS.md)."""
+    logits = torch.matmul(image, text.transpose(-1, -2))
+    if grad:
+        logits = logits * factor if offset is None else torch.addcmul(torch.as_tensor(offset).to(logits), logits,
+                                                                       factor)
+    else:
+        logits.mul_(factor)
+        if offset is not None:
+            logits.add_(offset)
+    if query_mask is not None:
+        masked = (query_mask == 0).unsqueeze(-2)
+        lowest = torch.finfo(logits.dtype).min
+        if grad:
+            logits = logits.masked_fill(masked, lowest)
+        elif (masked.device.type != "cpu" or torch.compiler.is_compiling()  # a CPU check is free; a GPU one a
+              or bool(masked.any())):  # host sync, and a traced one a graph break
+            logits.masked_fill_(masked, lowest)
+    return logits
+
+
 # ---- the public function -------------------------------------------------------------------------
 def similarity_softmax(image_features, text_features, logit_scale=100.0, logit_bias=None, *,
-                       normalize=True, activation="softmax", topk=None, backend=None):
+                       normalize=True, activation="softmax", topk=None, query_mask=None, topk_dim=-1, backend=None):
     """Fused `act(logit_scale * normalize(image) @ normalize(text).T + logit_bias)`.
 
     image_features [N, D], text_features [C, D] (fp32, fp16 or bf16; float64 runs the reference).
@@ -117,7 +231,23 @@ def similarity_softmax(image_features, text_features, logit_scale=100.0, logit_b
     over class tiles (online log-sum-exp + running top-k) without the N x C matrix.
     NaN/Inf in the inputs propagate as in the reference (a NaN feature row gives a NaN output row).
     Every output and gradient (features, logit_scale, logit_bias) comes from fused kernels.
+
+    Grounding and open-vocabulary heads (GLIP's region-word alignment, OWL-ViT/OWLv2's
+    `(normalize(patch) @ normalize(query).T + shift) * scale`: logit_scale=scale, logit_bias=shift * scale):
+    image_features [B, N, D] against text_features [B, C, D] or a shared [C, D]; logit_scale and logit_bias
+    also per row, [B, N, 1] (finite: checked); query_mask [B, C] or [C], its zeros setting those classes'
+    logits to the dtype's lowest value before the activation; topk_dim=-2 takes the top rows of each class
+    ([B, k, C]). This form runs torch's GEMM and one fused pass over the logits (backend "auto"), or the
+    reference; the kernels take the 2-D, scalar form.
     """
+    if (query_mask is not None or topk_dim != -1 or getattr(image_features, "ndim", 2) != 2
+            or getattr(text_features, "ndim", 2) != 2 or _per_row(logit_scale) or _per_row(logit_bias)):
+        if activation is None:
+            activation = "none"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"mmfast: activation must be 'softmax', 'sigmoid' or None, got {activation!r}")
+        return _batched(image_features, text_features, logit_scale, logit_bias, normalize, activation, query_mask,
+                        topk, topk_dim, backend)
     image = check_tensor("image_features", image_features, 2)
     text = check_tensor("text_features", text_features, 2)
     check_same_device_dtype(("image_features", "text_features"), image, text)
