@@ -2,12 +2,13 @@
 # benchmarks/gpu_check.sh OUTDIR — the GPU check of mmfast, on an H100/H200 machine with no network.
 #
 # Expects python3 (3.12) with torch (CUDA build), triton, pybind11, ninja, pytest, pytest-xdist,
-# pytest-timeout and pytest-benchmark already installed, and nvcc; installs nothing, uses no venv
+# pytest-timeout and pytest-benchmark already installed, and nvcc; installs only the wheels in .whl/, uses no venv
 # (PYTHON=... to override python3). Run from anywhere; it works in the source tree it sits in. Stages, each
 # bounded by `timeout`; a failing stage is logged and the next one runs; the whole stays inside
 # GPU_CHECK_SECONDS (530: inside the 9 minutes a lease has room for; it counts from this script's start, so
 # leave the runner's own limit room for what runs before it: on 2026-12-04 a wheel install plus 585 s overran
 # the runner's 600 s and the unpacked CSVs were lost):
+#   0. pip install of the wheels carried in .whl/ (if any) into a temporary --target on PYTHONPATH
 #   1. nvidia-smi                                                 -> gpu_check.log
 #   2. build mmfast._C in place for sm_90a                        -> gpu_check.log
 #   3. python3 -m mmfast info                                     -> gpu_check.log
@@ -173,6 +174,14 @@ for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.floa
     print(f"GEMM {n}^3 {name}: {ms:.3f} ms = {2 * n**3 / ms / 1e9:.0f} TFLOP/s")
 EOF
 
+# Wheels carried with the tree in .whl/ (the GPU machine has no network; .git/info/exclude keeps them out of git):
+# open-clip-torch + ftfy + wcwidth for the contrastive_step stage, inf-cl for clip_loss's Inf-CL provider.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    stage wheels 60 "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$TMP/site" .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:$TMP/site"
+fi
+"$PY" -c "import inf_cl" 2>/dev/null || STATUS+=("inf-cl: not installed (carry inf_cl-1.2.1-py3-none-any.whl in .whl/): clip_loss runs without the Inf-CL provider")
 stage nvidia-smi 15 "$LOG" nvidia-smi
 stage build 240 "$LOG" env MMFAST_CUDA_ARCHS=90a MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 stage info 40 "$LOG" "$PY" -m mmfast info
