@@ -28,13 +28,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def compile_driver(name, kernels, tmp_path_factory):
-    """tests/native/<name>.cpp, which includes csrc/cuda/<kernels> under the emulator, compiled once per session
-    (~10 s)."""
+    """tests/native/<name>.cpp, which includes `kernels` (a file name in csrc/cuda/, or a Path) under the emulator,
+    compiled once per session (~10 s)."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
         pytest.skip(f"needs a C++20 compiler and the CUDA headers ({CUDA_INCLUDE}/cuda_fp16.h)")
     source = NATIVE / f"{name}.cpp"
-    sources = [source, ROOT / "csrc" / "cuda" / kernels, *SHARED_SOURCES]
+    sources = [source, kernels if isinstance(kernels, Path) else ROOT / "csrc" / "cuda" / kernels, *SHARED_SOURCES]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     exe = tmp_path_factory.getbasetemp() / f"{name}-{digest}"
     if not exe.exists():

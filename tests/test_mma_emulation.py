@@ -26,8 +26,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    # compile_driver looks in csrc/cuda/ for the kernels: this test-only .cu lives next to the driver.
-    return compile_driver("mma_emulated", "../../tests/native/mma_tile_gemm.cu", tmp_path_factory)
+    return compile_driver("mma_emulated", NATIVE / "mma_tile_gemm.cu", tmp_path_factory)  # test-only, beside the driver
 
 
 # ---- the PTX tables, written out independently of the C++ (PTX ISA, "Matrix Fragments for mma.m16n8k16
