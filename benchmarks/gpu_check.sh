@@ -13,7 +13,8 @@
 #   2. build mmfast._C in place for sm_90a                        -> gpu_check.log
 #   3. python3 -m mmfast info                                     -> gpu_check.log
 #   3b. benchmarks/_triton_sweep.py: the Triton block-size candidates timed and checked at the bench shapes
-#      (TRITON_SWEEP_SECONDS: off by default, ~110 s on an H200 with a warm Triton cache, ~160 s cold; run it when
+#      (TRITON_SWEEP_SECONDS: off by default; on an H200 54 s with a warm Triton cache, its compile phase alone 105 s
+#      cold, so give it ~170 s; run it when
 #      Triton kernels or their tables change); the winners are exported as MMFAST_TRITON_BLOCKS, so the
 #      stages below run on them                        -> results/triton-sweep/ (sweep.txt, triton_blocks.json)
 #   4. pytest -k "cuda and not emulated" -n 12, no -x, with the dtype coverage guard on
