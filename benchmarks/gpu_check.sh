@@ -49,6 +49,9 @@ PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # torch's guess from a wrapper nvcc can be wrong (DESIGN.md 8)
 export PATH="$CUDA_HOME/bin:$PATH"
 unset TRITON_INTERPRET  # Triton runs for real here
+# fp16/bf16 cross-attention on the tensor-core kernels (opt-in until this check has validated them on a card):
+# the tests and benches below run them; MMFAST_CUDA_TENSOR_CORES=0 checks the CUDA-core kernels instead.
+export MMFAST_CUDA_TENSOR_CORES=${MMFAST_CUDA_TENSOR_CORES:-1}
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))

@@ -54,21 +54,25 @@ def harness(tmp_path_factory):
     return compile_driver("cross_attention_emulated", "cross_attention.cu", tmp_path_factory)
 
 
-def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows_major=False, sm_count=1):
+def emulated(exe, tmp_path, tensors, grad, dtype, scale, *, expand=False, q_rows_major=False, sm_count=1,
+             cuda_cores=False):
     """Forward + backward of the CUDA kernels under emulation: (out, lse, [grad_q, grad_k, grad_v, grad_k2,
     grad_v2], the forward's key splits) in fp32; with expand, k/v hold batch 1 (read with batch stride 0) and
     their gradients come back summed over the batch, as autograd's expand would. sm_count: the device size
-    the split-K rule assumes (1: never split; an H100 has 132)."""
+    the split-K rule assumes (1: never split; an H100 has 132). fp16/bf16 run on the tensor-core (mma)
+    kernels of the emulated sm_90, or with cuda_cores on the CUDA-core ones (what a pre-sm_80 GPU runs)."""
     q, k, v, k2, v2 = tensors
     b, h, lq, d = q.shape
     lk2 = 0 if k2 is None else k2.shape[2]
     header = struct.pack("<9qd", DTYPE_CODES[dtype], b, h, lq, d, k.shape[2], lk2,
-                         int(expand) | (2 if q_rows_major else 0), sm_count, scale)
+                         int(expand) | (2 if q_rows_major else 0) | (4 if cuda_cores else 0), sm_count, scale)
     arrays = [q, k, v] + ([k2, v2] if lk2 else []) + [grad]
     (tmp_path / "in.bin").write_bytes(header + b"".join(t.float().contiguous().numpy().tobytes() for t in arrays))
     run = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=600,
                          capture_output=True, text=True)
     splits = int(run.stdout.split("forward key splits:")[1].split()[0])
+    tensor_cores = run.stdout.split("tensor cores:")[1].split()[0] == "1"
+    assert tensor_cores == (dtype != torch.float32 and not cuda_cores), "the launchers picked the wrong kernels"
     flat = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
     shapes = [q.shape, (b, h, lq), q.shape] + [(b, h, t.shape[2], d) for t in arrays[1:-1]]
     outs, offset = [], 0
@@ -110,9 +114,16 @@ SHAPES = {
 }
 
 
+# fp32 runs on the CUDA cores; fp16/bf16 on the tensor cores (sm_80+) and, on older GPUs, the CUDA cores.
+KERNELS = [pytest.param(torch.float32, False, id="fp32"),
+           pytest.param(torch.float16, False, id="fp16-mma"), pytest.param(torch.bfloat16, False, id="bf16-mma"),
+           pytest.param(torch.float16, True, id="fp16-cuda-cores"),
+           pytest.param(torch.bfloat16, True, id="bf16-cuda-cores")]
+
+
 @pytest.mark.parametrize("shape, sm_count, splits", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape, sm_count, splits):
+@pytest.mark.parametrize("dtype, cuda_cores", KERNELS)
+def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, cuda_cores, shape, sm_count, splits):
     b, h, lq, lk, lk2, d = shape
     g = torch.Generator().manual_seed(sum(shape))
     dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
@@ -121,7 +132,8 @@ def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape, 
     tensors = [None if t is None else t.to(dtype).double() for t in tensors]
     grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
     scale = d ** -0.5
-    out, lse, grads, used_splits = emulated(harness, tmp_path, tensors, grad, dtype, scale, sm_count=sm_count)
+    out, lse, grads, used_splits = emulated(harness, tmp_path, tensors, grad, dtype, scale, sm_count=sm_count,
+                                            cuda_cores=cuda_cores)
     assert used_splits == splits
     out64, lse64, grads64 = reference(tensors, grad, torch.float64, scale, b)
     low = None if dtype == torch.float32 else reference(tensors, grad, dtype, scale, b)
@@ -134,22 +146,26 @@ def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, shape, 
                                         grads64[2], name=f"grad {name}")
 
 
-def test_cuda_cross_attention_strided_q_and_expanded_kv_emulated(harness, tmp_path):
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 20)],
+                         ids=["fp32", "fp16-mma", "bf16-mma-d20"])
+def test_cuda_cross_attention_strided_q_and_expanded_kv_emulated(harness, tmp_path, dtype, d):
     """q laid out [B, Lq, H, d] (a permuted projection) and one image's keys/values read with batch stride 0
-    by every prompt (SAM's shared image): same numbers as dense inputs, gradients summed over the batch."""
-    b, h, lq, lk, lk2, d = 3, 2, 9, 70, 4, 16
+    by every prompt (SAM's shared image): same numbers as dense inputs, gradients summed over the batch.
+    d = 20: rows of 40 bytes, so the tensor-core kernels' 16-byte tile loads fall back to single elements."""
+    b, h, lq, lk, lk2 = 3, 2, 9, 70, 4
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
-    kv = [torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for n in (lk, lk, lk2, lk2)]
+    q = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64).to(dtype).double()
+    kv = [torch.randn(1, h, n, d, generator=g, dtype=torch.float64).to(dtype).double() for n in (lk, lk, lk2, lk2)]
     tensors = [q, *kv]
-    grad = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
-    out, lse, grads, _ = emulated(harness, tmp_path, tensors, grad, torch.float32, 0.3, expand=True,
-                                  q_rows_major=True)
+    grad = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64).to(dtype).double()
+    out, lse, grads, _ = emulated(harness, tmp_path, tensors, grad, dtype, 0.3, expand=True, q_rows_major=True)
     out64, lse64, grads64 = reference(tensors, grad, torch.float64, 0.3, b)
-    assert_close_to_reference(out, out64, name="out")
+    low = None if dtype == torch.float32 else reference(tensors, grad, dtype, 0.3, b)
+    assert_close_to_reference(out.to(dtype), out64, None if low is None else low[0], name="out")
     assert_close_to_reference(lse, lse64, name="lse")
-    for name, got, want in zip(("q", "k", "v", "k2", "v2"), grads, grads64):
-        assert_attention_grad_close(got, want, None, grads64[2], name=f"grad {name}")
+    for i, name in enumerate(("q", "k", "v", "k2", "v2")):
+        assert_attention_grad_close(grads[i].to(dtype), grads64[i], None if low is None else low[2][i], grads64[2],
+                                    name=f"grad {name}")
 
 
 @pytest.fixture(scope="module")

@@ -217,3 +217,43 @@ def test_mma_kernels_compile_for_sm80_and_sm90a(tmp_path):
                         "ldmatrix.sync.aligned.m8n8.x1.shared.b16", "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16"):
         assert instruction in text, instruction
     assert "trap;" not in text
+
+
+def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """csrc/cuda/cross_attention.cu as the package builds it (torch's nvcc flags), for sm_90a with ptxas -v: every
+    tensor-core kernel (forward, dK/dV, dQ) for fp16 and bf16 at each padded head dim is there and keeps its
+    fragments in registers (no spill stores or loads: a spill puts local-memory traffic in the inner loop).
+    Prints the register table. ~20 s."""
+    import re
+
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    built = subprocess.run([nvcc, "-O3", "-std=c++20", "--use_fast_math", *COMMON_NVCC_FLAGS,
+                            f"-I{ROOT / 'csrc' / 'include'}", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                            "-c", str(ROOT / "csrc" / "cuda" / "cross_attention.cu"), "-o", str(tmp_path / "xa.o")],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-6000:]
+    # ptxas -v: "Compiling entry function '<mangled>'", then "... N bytes spill stores, M bytes spill loads"
+    # and "Used R registers".
+    kernels, current = {}, None
+    for line in built.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            current = m.group(1)
+        elif current and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            kernels.setdefault(current, {})["spills"] = int(m.group(1)) + int(m.group(2))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            kernels.setdefault(current, {})["registers"] = int(m.group(1))
+    for name in ("forward", "dkdv", "dq"):
+        for dtype in ("6__half", "13__nv_bfloat16"):
+            for d in (16, 32, 64, 128):
+                # Itanium mangling: <len>attention_<name>_mma_kernelI<dtype>Li<D>E
+                pattern = re.compile(rf"\d+attention_{name}_mma_kernelI{dtype}Li{d}E")
+                found = [k for k in kernels if pattern.search(k)]
+                assert found, f"attention_{name}_mma_kernel<{dtype}, {d}> was not compiled"
+                info = kernels[found[0]]
+                print(f"attention_{name}_mma_kernel<{dtype.lstrip('0123456789')}, {d}>: "
+                      f"{info['registers']} registers, {info['spills']} bytes spilled")
+                assert info["spills"] == 0, f"attention_{name}_mma_kernel<{dtype}, {d}> spills: {info}"

@@ -3,33 +3,34 @@
 //
 //   out = softmax(scale * q @ [k; k2]^T) @ [v; v2],   lse = the rows' log-sum-exp (fp32)
 //
-// FlashAttention-2's tiling, written for the CUDA cores (fp32 FMAs on fp32 copies of the tiles in shared
-// memory) so that one kernel serves fp32, fp16 and bf16 and every sum is fp32:
+// FlashAttention-2's tiling, in two sets of kernels with one plan; every sum and softmax statistic is fp32:
 //   forward   one block per (batch*head, 64 query rows); key tiles of 64 stream through shared memory
 //             (segment 0, then segment 1: the concatenation is never built); online softmax with fp32
 //             row statistics (mmfast/online_softmax.h); O += P V; out = O / sum, lse = max + log(sum).
+//             Few query blocks (SAM's 7 tokens) split the keys into ranges merged by their lse (split-K).
 //   backward  delta = rowsum(dO * O) (one warp per row), then two kernels that recompute P = exp(S - lse):
 //             dK/dV, one block per 64-key block streaming 32-query tiles (dV += P^T dO, dK += dS^T Q), and
 //             dQ, one block per 64-query block streaming 32-key tiles (dQ += dS K), dS = P (dO V^T - delta).
 //             Each block owns the rows it writes: no atomics, the result is deterministic.
 //
-// Thread layout, the same in every kernel: 256 threads; thread t owns kRowsPerThread = 2 rows of the
-// block's 64-row tile (rows 2 * (t / 8) + {0, 1}) and, of every streamed tile, the columns t % 8 + 8 j. A
-// tile row's softmax statistics are therefore reduced over 8 adjacent lanes with three shuffles, and the
-// output accumulators ([2 rows] x [head dim / 8]) and their rescaling stay in the owning thread. Shared
-// tiles use an odd row pitch (d + 1, tile + 1) so that the 8 lanes reading down a column hit 8 banks.
+// CUDA cores (fp32, exact; fp16/bf16 on GPUs before sm_80 or without MMFAST_CUDA_TENSOR_CORES=1): fp32 FMAs
+// on fp32 copies of the tiles. 256 threads; thread t owns kRowsPerThread = 2 rows of the block's 64-row
+// tile (rows 2 * (t / 8) + {0, 1}) and, of every streamed tile, the columns t % 8 + 8 j, so a row's
+// statistics reduce over 8 adjacent lanes with three shuffles. Shared tiles use an odd row pitch (d + 1,
+// tile + 1) so that the 8 lanes reading down a column hit 8 banks.
 //
-// Status: compiled for sm_80 and sm_90a in every build and written against the CPU kernels' conventions,
-// but NOT yet run on a GPU (no GPU was lent to the sessions that wrote it): it is reachable only as
-// backend="cuda" and is not in mmfast.backend.GPU_VALIDATED. It is the correctness-first version: the tiles
-// are multiplied on the CUDA cores, not the tensor cores, so on an H100 it cannot match a tensor-core
-// flash attention for fp16/bf16 at large head dims; a GPU session should check it with
-// benchmarks/gpu_check.sh (tests/test_cross_attention.py runs on the card) before tuning or validating.
+// Tensor cores (fp16/bf16 on sm_80+): the "tensor cores" section below, mma.m16n8k16 through mmfast/mma.cuh.
+// On the H200 of 2026-12-04 the CUDA-core kernels were correct in every dtype but 0.28-0.83x SDPA in bf16;
+// the tensor-core ones are tested in CI on the emulator (tests/test_cuda_emulation.py) and compiled for
+// sm_90a without spills (tests/test_mma_emulation.py: forward 95-168 registers, dK/dV 54-240, dQ 72-166 at
+// d = 16-128), and still wait for a GPU run to be validated and timed.
 #include "mmfast/cross_attention_cuda.h"
 #include "mmfast/cuda_launch.cuh"
 #include "mmfast/cuda_utils.cuh"
+#include "mmfast/mma.cuh"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace mmfast::cuda {
 namespace {
@@ -88,14 +89,32 @@ struct Params {
 };
 
 // ---- tile helpers ------------------------------------------------------------------------------------
-// Copies rows [r0, r0 + n) of one head into tile[ROWS][ld] as fp32; rows >= n and columns >= d (up to
-// the padded head dim D) become 0, so padded rows and columns add nothing to any product. Whole block.
-template <int ROWS, int D, typename T>
-__device__ __forceinline__ void load_tile(float* tile, int ld, const T* head, int64_t row_stride, int64_t r0,
+// Copies rows [r0, r0 + n) of one head into tile[ROWS][ld]; rows >= n and columns >= d (up to the padded
+// head dim D) become 0, so padded rows and columns add nothing to any product. Whole block (THREADS threads).
+// The CUDA-core kernels' tiles are fp32; the tensor-core kernels' keep T (fp16/bf16), copied in 16-byte
+// chunks of 8 elements: one load each where the source chunk is whole and 16-byte aligned, element by element
+// otherwise (odd head dims or strides).
+template <int ROWS, int D, int THREADS = kThreads, typename Tile, typename T>
+__device__ __forceinline__ void load_tile(Tile* tile, int ld, const T* head, int64_t row_stride, int64_t r0,
                                           int64_t n, int d) {
-  for (int e = threadIdx.x; e < ROWS * D; e += kThreads) {
-    const int r = e / D, c = e % D;
-    tile[r * ld + c] = (r < n && c < d) ? to_float(head[(r0 + r) * row_stride + c]) : 0.f;
+  if constexpr (std::is_same_v<Tile, float>) {
+    for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+      const int r = e / D, c = e % D;
+      tile[r * ld + c] = (r < n && c < d) ? to_float(head[(r0 + r) * row_stride + c]) : 0.f;
+    }
+  } else {
+    static_assert(std::is_same_v<Tile, T> && sizeof(T) == 2 && D % 8 == 0, "T tiles: 16-bit, in chunks of 8");
+    for (int e = threadIdx.x; e < ROWS * D / 8; e += THREADS) {
+      const int r = e / (D / 8), c = e % (D / 8) * 8;
+      const T* src = head + (r0 + r) * row_stride + c;
+      T* dst = tile + r * ld + c;
+      if (r < n && c + 8 <= d && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dst[i] = r < n && c + i < d ? src[i] : from_float<T>(0.f);
+      }
+    }
   }
 }
 
@@ -171,12 +190,12 @@ __device__ __forceinline__ void store_rows(T* head, int64_t row_stride, int64_t 
 }
 
 // Streams keys [begin, end) of head (b, h) — indices into the concatenation of segment 0 and segment 1,
-// which is never built — through k_tile [KT][k_ld] and v_tile [KT][v_ld] and calls body(kn) once per tile
-// (kn = the tile's valid keys) after both are loaded. The first barrier also publishes whatever the block
-// wrote to shared memory before the loop.
-template <int KT, int D, typename T, typename Body>
+// which is never built — through k_tile [KT][k_ld] and v_tile [KT][v_ld] (fp32, or T for the tensor-core
+// kernels) and calls body(kn) once per tile (kn = the tile's valid keys) after both are loaded. The first
+// barrier also publishes whatever the block wrote to shared memory before the loop.
+template <int KT, int D, int THREADS = kThreads, typename T, typename Tile, typename Body>
 __device__ __forceinline__ void for_each_key_tile(const Params<T>& p, int64_t b, int64_t h, int64_t begin,
-                                                  int64_t end, float* k_tile, int k_ld, float* v_tile, int v_ld,
+                                                  int64_t end, Tile* k_tile, int k_ld, Tile* v_tile, int v_ld,
                                                   Body&& body) {
   const int d = static_cast<int>(p.head_dim);
   int64_t seg_start = 0;
@@ -188,8 +207,8 @@ __device__ __forceinline__ void for_each_key_tile(const Params<T>& p, int64_t b,
     for (int64_t k0 = from; k0 < len; k0 += KT) {
       const int kn = static_cast<int>(std::min<int64_t>(KT, len - k0));
       __syncthreads();  // the previous tile's readers are done
-      load_tile<KT, D>(k_tile, k_ld, k_head, p.k[seg].sl, k0, kn, d);
-      load_tile<KT, D>(v_tile, v_ld, v_head, p.v[seg].sl, k0, kn, d);
+      load_tile<KT, D, THREADS>(k_tile, k_ld, k_head, p.k[seg].sl, k0, kn, d);
+      load_tile<KT, D, THREADS>(v_tile, v_ld, v_head, p.v[seg].sl, k0, kn, d);
       __syncthreads();
       body(kn);
     }
@@ -457,6 +476,258 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const Params<T> 
   store_rows<R, DC>(p.grad_q.head(b, h), p.grad_q.sl, q0, p.q_len, row0, tx, d, dq, scale);
 }
 
+// ================================ tensor cores (fp16/bf16, sm_80+) ======================================
+// The same plan on mma.m16n8k16 (mmfast/mma.cuh): 4 warps per block, each owning 16 of the block's 64 rows;
+// tiles stay T in shared memory (pitch D + 8: ldmatrix without bank conflicts); products accumulate in fp32
+// registers as C fragments, the softmax statistics stay fp32, and the probabilities (P, dS) are rounded
+// to T only as the A operand of the next product, as FlashAttention-2 does. A lane holds rows g and g + 8
+// of its warp's 16 (g = lane / 4) and, in every 8-column fragment, columns 2t and 2t + 1 (t = lane % 4):
+// a row's statistics reduce over the 4 lanes of its group with two shuffles.
+constexpr int kMmaThreads = 128;
+constexpr int kMmaWarpRows = 16;
+static_assert(kMmaThreads / 32 * kMmaWarpRows == kBlockRows, "4 warps of 16 rows make the 64-row block tile");
+
+template <int D>
+constexpr int kMmaPitch = D + 8;
+template <int D>
+constexpr int forward_mma_smem_bytes() {
+  return (kBlockRows + 2 * kForwardKeyTile) * kMmaPitch<D> * 2;
+}
+template <int D>
+constexpr int backward_mma_smem_bytes() {  // both backward kernels: two 64-row tiles, two 32-row tiles
+  return (2 * kBlockRows + 2 * kBackwardTile) * kMmaPitch<D> * 2 + 2 * kBackwardTile * 4;
+}
+
+// The block's dynamic shared memory as T tiles (extern __shared__ arrays of one name must share one type in a
+// translation unit: uint4 serves both T, 16-byte aligned for ldmatrix).
+template <typename T>
+__device__ __forceinline__ T* mma_shared_tiles() {
+  MMFAST_DYNAMIC_SMEM(uint4, mma_smem);
+  return reinterpret_cast<T*>(mma_smem);
+}
+
+// Max / sum over the 4 lanes holding one row of a C fragment.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Writes a warp's 16 x D accumulator times factor[row half] to rows row_begin + (g, g + 8) < n_rows,
+// columns < d, of a row-major head (T, or fp32 for split-K partials).
+template <int D, typename Out>
+__device__ __forceinline__ void store_warp_rows(Out* head, int64_t row_stride, int64_t row_begin, int64_t n_rows,
+                                                int d, int lane, const float (&acc)[D / 8][4],
+                                                const float (&factor)[2]) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = row_begin + g + 8 * half;
+    if (r >= n_rows) continue;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * t + e;
+        if (col < d) head[r * row_stride + col] = from_float<Out>(acc[j][2 * half + e] * factor[half]);
+      }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaThreads) attention_forward_mma_kernel(const Params<T> p) {
+  constexpr int KT = kForwardKeyTile, LD = kMmaPitch<D>;
+  T* smem = mma_shared_tiles<T>();
+  T* q_tile = smem;                     // [64][LD]
+  T* k_tile = q_tile + kBlockRows * LD;  // [KT][LD]
+  T* v_tile = k_tile + KT * LD;          // [KT][LD]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int64_t bh_blocks = p.batch * p.heads;
+  const int64_t split = blockIdx.x / (bh_blocks * p.row_blocks), rest = blockIdx.x % (bh_blocks * p.row_blocks);
+  const int64_t bh = rest / p.row_blocks, q0 = rest % p.row_blocks * kBlockRows;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int d = static_cast<int>(p.head_dim);
+  const int64_t key_begin = p.splits > 1 ? split * p.split_keys : 0;
+  const int64_t key_end = p.splits > 1 ? key_begin + p.split_keys : p.key_len[0] + p.key_len[1];
+  const int64_t warp_q0 = q0 + warp * kMmaWarpRows;
+  // A warp whose 16 rows are all padding (SAM's 7 tokens use 1 of 4) skips the products, not the barriers.
+  const bool active = warp_q0 < p.q_len;
+  load_tile<kBlockRows, D, kMmaThreads>(q_tile, LD, p.q.head(b, h), p.q.sl, q0, p.q_len - q0, d);
+  const T* q_warp = q_tile + warp * kMmaWarpRows * LD;
+
+  float o[D / 8][4] = {};
+  online_softmax::State<float> st[2] = {online_softmax::empty_state<float>(), online_softmax::empty_state<float>()};
+  for_each_key_tile<KT, D, kMmaThreads>(p, b, h, key_begin, key_end, k_tile, LD, v_tile, LD, [&](int kn) {
+    if (!active) return;
+    float s[KT / 8][4] = {};
+    warp_mma_abt<T, KT, D>(s, q_warp, LD, k_tile, LD, lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[j][2 * half + e];
+          x = 8 * j + 2 * t + e < kn ? x * p.scale : -INFINITY;
+          tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN logit poisons the sum below instead
+        }
+      const float factor = online_softmax::advance(st[half], quad_max(tile_max));
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[j][2 * half + e];
+          x = x == -INFINITY ? 0.f : fast_exp(x - st[half].max);  // masked keys add exactly 0
+          sum += x;
+        }
+      st[half].sum += quad_sum(sum);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[j][2 * half] *= factor;
+        o[j][2 * half + 1] *= factor;
+      }
+    }
+    warp_mma_cb<T, KT, D>(o, s, v_tile, LD, lane);  // O += P V
+  });
+  if (!active) return;  // no barrier follows
+
+  float inv_sum[2];
+  float* lse = p.splits > 1 ? p.split_lse + split * bh_blocks * p.q_len : p.lse_w;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    inv_sum[half] = 1.f / st[half].sum;  // a row with no finite logit has sum 0: NaN out, as the reference
+    const int64_t r = warp_q0 + lane / 4 + 8 * half;
+    if (t == 0 && r < p.q_len) lse[bh * p.q_len + r] = st[half].max + logf(st[half].sum);
+  }
+  if (p.splits > 1) {  // this split's normalized output, merged by attention_split_merge_kernel
+    float* head = p.split_out + ((split * bh_blocks + bh) * p.q_len) * p.head_dim;
+    store_warp_rows<D>(head, p.head_dim, warp_q0, p.q_len, d, lane, o, inv_sum);
+  } else {
+    store_warp_rows<D>(p.out_w.head(b, h), p.out_w.sl, warp_q0, p.q_len, d, lane, o, inv_sum);
+  }
+}
+
+// dK, dV of one 64-key block of one segment (16 keys per warp), streaming the queries in tiles of 32:
+// S^T = K Q^T and dP^T = V dO^T on the tensor cores, then dV += P^T dO and dK += dS^T Q.
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaThreads) attention_dkdv_mma_kernel(const Params<T> p) {
+  constexpr int QT = kBackwardTile, LD = kMmaPitch<D>;
+  T* smem = mma_shared_tiles<T>();
+  T* k_tile = smem;                       // [64][LD]
+  T* v_tile = k_tile + kBlockRows * LD;    // [64][LD]
+  T* q_tile = v_tile + kBlockRows * LD;    // [QT][LD]
+  T* do_tile = q_tile + QT * LD;           // [QT][LD]
+  float* lse_tile = reinterpret_cast<float*>(do_tile + QT * LD);  // [QT]
+  float* delta_tile = lse_tile + QT;                              // [QT]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int64_t blocks = p.key_blocks[0] + p.key_blocks[1];
+  const int64_t bh = blockIdx.x / blocks, kb = blockIdx.x % blocks;
+  const int seg = kb < p.key_blocks[0] ? 0 : 1;
+  const int64_t k0 = (kb - (seg == 0 ? 0 : p.key_blocks[0])) * kBlockRows;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int d = static_cast<int>(p.head_dim);
+  const int64_t kn = std::min<int64_t>(kBlockRows, p.key_len[seg] - k0);
+  const int64_t warp_k0 = k0 + warp * kMmaWarpRows;
+  const bool active = warp * kMmaWarpRows < kn;
+  load_tile<kBlockRows, D, kMmaThreads>(k_tile, LD, p.k[seg].head(b, h), p.k[seg].sl, k0, kn, d);
+  load_tile<kBlockRows, D, kMmaThreads>(v_tile, LD, p.v[seg].head(b, h), p.v[seg].sl, k0, kn, d);
+  const T* k_warp = k_tile + warp * kMmaWarpRows * LD;
+  const T* v_warp = v_tile + warp * kMmaWarpRows * LD;
+
+  const T* q_head = p.q.head(b, h);
+  const T* do_head = p.grad_out.head(b, h);
+  const float* lse = p.lse + bh * p.q_len;
+  const float* delta = p.delta + bh * p.q_len;
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  for (int64_t q0 = 0; q0 < p.q_len; q0 += QT) {
+    const int64_t qn = std::min<int64_t>(QT, p.q_len - q0);
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<QT, D, kMmaThreads>(q_tile, LD, q_head, p.q.sl, q0, qn, d);
+    load_tile<QT, D, kMmaThreads>(do_tile, LD, do_head, p.grad_out.sl, q0, qn, d);
+    for (int i = threadIdx.x; i < QT; i += kMmaThreads) {
+      // A padded query gets lse = +inf: P = exp(-inf) = 0, so it adds nothing.
+      lse_tile[i] = i < qn ? lse[q0 + i] : INFINITY;
+      delta_tile[i] = i < qn ? delta[q0 + i] : 0.f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    float pt[QT / 8][4] = {}, dst[QT / 8][4] = {};
+    warp_mma_abt<T, QT, D>(pt, k_warp, LD, q_tile, LD, lane);   // S^T = K Q^T
+    warp_mma_abt<T, QT, D>(dst, v_warp, LD, do_tile, LD, lane);  // dP^T = V dO^T
+#pragma unroll
+    for (int j = 0; j < QT / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int qi = 8 * j + 2 * t + i % 2;
+        pt[j][i] = fast_exp(pt[j][i] * p.scale - lse_tile[qi]);  // a NaN lse keeps its column NaN
+        dst[j][i] = pt[j][i] * (dst[j][i] - delta_tile[qi]);
+      }
+    warp_mma_cb<T, QT, D>(dv, pt, do_tile, LD, lane);  // dV += P^T dO
+    warp_mma_cb<T, QT, D>(dk, dst, q_tile, LD, lane);  // dK += dS^T Q
+  }
+  if (!active) return;
+  const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+  const int64_t len = p.key_len[seg];
+  store_warp_rows<D>(p.grad_k[seg].head(b, h), p.grad_k[seg].sl, warp_k0, len, d, lane, dk, scale);
+  store_warp_rows<D>(p.grad_v[seg].head(b, h), p.grad_v[seg].sl, warp_k0, len, d, lane, dv, one);
+}
+
+// dQ of one 64-query block (16 queries per warp), streaming the keys of both segments in tiles of 32.
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaThreads) attention_dq_mma_kernel(const Params<T> p) {
+  constexpr int KT = kBackwardTile, LD = kMmaPitch<D>;
+  T* smem = mma_shared_tiles<T>();
+  T* q_tile = smem;                       // [64][LD]
+  T* do_tile = q_tile + kBlockRows * LD;   // [64][LD]
+  T* k_tile = do_tile + kBlockRows * LD;   // [KT][LD]
+  T* v_tile = k_tile + KT * LD;            // [KT][LD]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int64_t bh = blockIdx.x / p.row_blocks, q0 = blockIdx.x % p.row_blocks * kBlockRows;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int d = static_cast<int>(p.head_dim);
+  const int64_t qn = p.q_len - q0, warp_q0 = q0 + warp * kMmaWarpRows;
+  const bool active = warp_q0 < p.q_len;
+  load_tile<kBlockRows, D, kMmaThreads>(q_tile, LD, p.q.head(b, h), p.q.sl, q0, qn, d);
+  load_tile<kBlockRows, D, kMmaThreads>(do_tile, LD, p.grad_out.head(b, h), p.grad_out.sl, q0, qn, d);
+  const T* q_warp = q_tile + warp * kMmaWarpRows * LD;
+  const T* do_warp = do_tile + warp * kMmaWarpRows * LD;
+  float lse[2], delta[2], dq[D / 8][4] = {};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = warp_q0 + lane / 4 + 8 * half;
+    lse[half] = r < p.q_len ? p.lse[bh * p.q_len + r] : INFINITY;
+    delta[half] = r < p.q_len ? p.delta[bh * p.q_len + r] : 0.f;
+  }
+
+  for_each_key_tile<KT, D, kMmaThreads>(p, b, h, 0, p.key_len[0] + p.key_len[1], k_tile, LD, v_tile, LD,
+                                        [&](int kn) {
+    if (!active) return;
+    float s[KT / 8][4] = {}, ds[KT / 8][4] = {};
+    warp_mma_abt<T, KT, D>(s, q_warp, LD, k_tile, LD, lane);    // S = Q K^T
+    warp_mma_abt<T, KT, D>(ds, do_warp, LD, v_tile, LD, lane);  // dP = dO V^T
+#pragma unroll
+    for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int half = i / 2;
+        const float pr = 8 * j + 2 * t + i % 2 < kn ? fast_exp(s[j][i] * p.scale - lse[half]) : 0.f;
+        ds[j][i] = pr * (ds[j][i] - delta[half]);
+      }
+    warp_mma_cb<T, KT, D>(dq, ds, k_tile, LD, lane);  // dQ += dS K
+  });
+  if (!active) return;
+  const float scale[2] = {p.scale, p.scale};
+  store_warp_rows<D>(p.grad_q.head(b, h), p.grad_q.sl, warp_q0, p.q_len, d, lane, dq, scale);
+}
+
 // ---- launch helpers ----------------------------------------------------------------------------------
 // f(std::integral_constant<int, D>) for the padded head dim D of d (16..128; d <= D, zero-padded).
 template <typename F>
@@ -469,11 +740,15 @@ cudaError_t dispatch_head_dim(int64_t d, F&& f) {
 }
 
 template <typename Kernel, typename P>
-cudaError_t launch(Kernel kernel, int64_t blocks, int smem_floats, const P& params, cudaStream_t stream) {
-  const int64_t bytes = static_cast<int64_t>(smem_floats) * static_cast<int64_t>(sizeof(float));
-  if (cudaError_t e = allow_smem(kernel, bytes); e != cudaSuccess) return e;
-  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream, params);
+cudaError_t launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_bytes, const P& params,
+                   cudaStream_t stream) {
+  if (cudaError_t e = allow_smem(kernel, smem_bytes); e != cudaSuccess) return e;
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks), threads, smem_bytes, stream, params);
   return cudaGetLastError();
+}
+
+constexpr int64_t float_bytes(int floats) {
+  return static_cast<int64_t>(floats) * static_cast<int64_t>(sizeof(float));
 }
 
 template <typename T>
@@ -505,10 +780,17 @@ int64_t attention_smem_bytes(int64_t head_dim) {
   int floats = 0;
   const cudaError_t e = dispatch_head_dim(head_dim, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
+    // The tensor-core kernels' T tiles take less than the fp32 tiles of the CUDA-core ones.
+    static_assert(forward_mma_smem_bytes<D>() <= 4 * forward_smem_floats<D>() &&
+                  backward_mma_smem_bytes<D>() <= 4 * dq_smem_floats<D>());
     floats = std::max({forward_smem_floats<D>(), dkdv_smem_floats<D>(), dq_smem_floats<D>()});
     return cudaSuccess;
   });
   return e == cudaSuccess ? static_cast<int64_t>(floats) * static_cast<int64_t>(sizeof(float)) : int64_t{-1};
+}
+
+bool attention_tensor_cores(DType dtype) {
+  return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
 }
 
 int64_t device_smem_limit() { return max_dynamic_smem(); }
@@ -532,7 +814,7 @@ int attention_forward_splits(const AttentionShape& shape, int sm_count) {
 
 cudaError_t cross_attention_forward(DType dtype, const AttentionShape& shape, HeadRows q, const HeadRows (&k)[2],
                                     const HeadRows (&v)[2], float scale, MutableHeadRows out, float* lse,
-                                    int splits, float* split_scratch, cudaStream_t stream) {
+                                    int splits, float* split_scratch, bool tensor_cores, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     Params<T> p = make_params<T>(shape, q, k, v, scale);
@@ -549,10 +831,18 @@ cudaError_t cross_attention_forward(DType dtype, const AttentionShape& shape, He
     }
     return dispatch_head_dim(shape.head_dim, [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      if (cudaError_t e = launch(attention_forward_kernel<T, D>, p.splits * shape.batch * shape.heads * p.row_blocks,
-                                 forward_smem_floats<D>(), p, stream);
-          e != cudaSuccess || p.splits == 1)
-        return e;
+      const int64_t blocks = p.splits * shape.batch * shape.heads * p.row_blocks;
+      cudaError_t e;
+      if constexpr (std::is_same_v<T, float>) {
+        e = launch(attention_forward_kernel<T, D>, blocks, kThreads, float_bytes(forward_smem_floats<D>()), p,
+                   stream);
+      } else {
+        e = tensor_cores ? launch(attention_forward_mma_kernel<T, D>, blocks, kMmaThreads,
+                                  forward_mma_smem_bytes<D>(), p, stream)
+                         : launch(attention_forward_kernel<T, D>, blocks, kThreads,
+                                  float_bytes(forward_smem_floats<D>()), p, stream);
+      }
+      if (e != cudaSuccess || p.splits == 1) return e;
       constexpr int kWarps = kThreads / 32;
       MMFAST_LAUNCH(attention_split_merge_kernel<T>, static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0,
                     stream, p, rows);
@@ -565,7 +855,7 @@ cudaError_t cross_attention_backward(DType dtype, const AttentionShape& shape, H
                                      const HeadRows (&v)[2], HeadRows out, HeadRows grad_out, const float* lse,
                                      float scale, float* delta, MutableHeadRows grad_q,
                                      const MutableHeadRows (&grad_k)[2], const MutableHeadRows (&grad_v)[2],
-                                     cudaStream_t stream) {
+                                     bool tensor_cores, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     Params<T> p = make_params<T>(shape, q, k, v, scale);
@@ -586,11 +876,22 @@ cudaError_t cross_attention_backward(DType dtype, const AttentionShape& shape, H
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     return dispatch_head_dim(shape.head_dim, [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      if (cudaError_t e = launch(attention_dkdv_kernel<T, D>, bh * (p.key_blocks[0] + p.key_blocks[1]),
-                                 dkdv_smem_floats<D>(), p, stream);
+      const int64_t key_blocks = bh * (p.key_blocks[0] + p.key_blocks[1]), query_blocks = bh * p.row_blocks;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tensor_cores) {
+          constexpr int64_t bytes = backward_mma_smem_bytes<D>();
+          if (cudaError_t e = launch(attention_dkdv_mma_kernel<T, D>, key_blocks, kMmaThreads, bytes, p, stream);
+              e != cudaSuccess)
+            return e;
+          return launch(attention_dq_mma_kernel<T, D>, query_blocks, kMmaThreads, bytes, p, stream);
+        }
+      }
+      if (cudaError_t e = launch(attention_dkdv_kernel<T, D>, key_blocks, kThreads,
+                                 float_bytes(dkdv_smem_floats<D>()), p, stream);
           e != cudaSuccess)
         return e;
-      return launch(attention_dq_kernel<T, D>, bh * p.row_blocks, dq_smem_floats<D>(), p, stream);
+      return launch(attention_dq_kernel<T, D>, query_blocks, kThreads, float_bytes(dq_smem_floats<D>()), p,
+                    stream);
     });
   });
 }

@@ -9,8 +9,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "mmfast/checks.h"
@@ -30,6 +32,17 @@ kc::HeadRows rows_of(const at::Tensor& x) { return {x.data_ptr(), x.stride(0), x
 
 kc::MutableHeadRows mutable_rows_of(const at::Tensor& x) {
   return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// fp16/bf16 on the tensor-core kernels: opt in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has validated
+// them (benchmarks/gpu_check.sh sets it; the emulator tests them in CI). Otherwise the CUDA-core kernels,
+// which the H200 run of 2026-12-04 validated, serve every dtype. Read once per process.
+bool use_tensor_cores(kc::DType dtype) {
+  static const bool opted_in = [] {
+    const char* v = std::getenv("MMFAST_CUDA_TENSOR_CORES");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  return opted_in && kc::attention_tensor_cores(dtype);
 }
 
 // What the kernels need beyond the shared checks: CUDA tensors, a block's shared memory that this
@@ -87,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q_in, 
   at::Tensor scratch = at::empty({kc::attention_split_scratch_floats(s.shape, splits)}, lse.options());
   C10_CUDA_CHECK(kc::cross_attention_forward(kernel_dtype(q), s.shape, rows_of(q), s.k_rows, s.v_rows,
                                              static_cast<float>(scale), mutable_rows_of(out), lse.data_ptr<float>(),
-                                             splits, scratch.data_ptr<float>(), current_stream()));
+                                             splits, scratch.data_ptr<float>(),
+                                             use_tensor_cores(kernel_dtype(q)), current_stream()));
   return {out, lse};
 }
 
@@ -116,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
   C10_CUDA_CHECK(kc::cross_attention_backward(kernel_dtype(q), s.shape, rows_of(q), s.k_rows, s.v_rows, rows_of(out),
                                               rows_of(grad_out), lse.data_ptr<float>(), static_cast<float>(scale),
                                               delta.data_ptr<float>(), mutable_rows_of(grad_q), grad_k_rows,
-                                              grad_v_rows, current_stream()));
+                                              grad_v_rows, use_tensor_cores(kernel_dtype(q)),
+                                              current_stream()));
   if (!k2.has_value()) {
     grad_k[1] = at::empty({0}, q.options());
     grad_v[1] = at::empty({0}, q.options());

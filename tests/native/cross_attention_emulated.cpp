@@ -4,7 +4,8 @@
 //   cross_attention_emulated IN OUT
 //
 // IN: int64 header[9] = {dtype (0 fp32, 1 fp16, 2 bf16), B, H, Lq, d, Lk, Lk2 (0: one segment),
-// flags (1: k/v/k2/v2 hold batch 1 and are read with batch stride 0; 2: q is laid out [B, Lq, H, d]),
+// flags (1: k/v/k2/v2 hold batch 1 and are read with batch stride 0; 2: q is laid out [B, Lq, H, d];
+// 4: fp16/bf16 on the CUDA-core kernels instead of the tensor-core ones),
 // the SM count the forward's split-K rule assumes (1: never split)},
 // float64 scale, then fp32 arrays in logical [B, H, L, d] order: q, k, v, (k2, v2,) grad_out.
 // OUT: fp32 out, lse, grad_q, grad_k, grad_v (, grad_k2, grad_v2), each in logical order with batch B.
@@ -68,7 +69,7 @@ void write(std::ostream& out, Operand<T>& x) {
 template <typename T>
 int run(const int64_t (&hdr)[9], double scale, std::istream& in, std::ostream& out) {
   const int64_t B = hdr[1], H = hdr[2], Lq = hdr[3], d = hdr[4], L[2] = {hdr[5], hdr[6]}, flags = hdr[7];
-  const bool expand = flags & 1, q_rows_major = flags & 2;
+  const bool expand = flags & 1, q_rows_major = flags & 2, cuda_cores = flags & 4;
   const int segments = L[1] > 0 ? 2 : 1;
   const int64_t Bk = expand ? 1 : B;
 
@@ -101,8 +102,10 @@ int run(const int64_t (&hdr)[9], double scale, std::istream& in, std::ostream& o
   const auto dtype = std::is_same_v<T, float> ? kc::DType::kFloat32
                      : std::is_same_v<T, __half> ? kc::DType::kFloat16
                                                  : kc::DType::kBFloat16;
+  const bool tensor_cores = kc::attention_tensor_cores(dtype) && !cuda_cores;
+  std::cout << "tensor cores: " << tensor_cores << "\n";  // read by tests/test_cuda_emulation.py
   if (kc::cross_attention_forward(dtype, shape, q.rows(), k_rows, v_rows, static_cast<float>(scale), o.mutable_rows(),
-                                  lse.data(), splits, split_scratch.data(), nullptr) != cudaSuccess)
+                                  lse.data(), splits, split_scratch.data(), tensor_cores, nullptr) != cudaSuccess)
     return 3;
 
   Operand<T> grad_q = Operand<T>::contiguous(B, H, Lq, d);
@@ -118,7 +121,7 @@ int run(const int64_t (&hdr)[9], double scale, std::istream& in, std::ostream& o
   }
   if (kc::cross_attention_backward(dtype, shape, q.rows(), k_rows, v_rows, o.rows(), grad_out.rows(), lse.data(),
                                    static_cast<float>(scale), delta.data(), grad_q.mutable_rows(), gk_rows, gv_rows,
-                                   nullptr) != cudaSuccess)
+                                   tensor_cores, nullptr) != cudaSuccess)
     return 4;
 
   write(out, o);

@@ -297,4 +297,7 @@ using std::min;
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaGetLastError() cudaSuccess
 #define cudaGetDevice(dev) (*(dev) = 0, cudaSuccess)
-#define cudaDeviceGetAttribute(value, attr, dev) (*(value) = static_cast<int>(::mmfast_emulation::kSmemBytes), cudaSuccess)
+// The emulated device: an sm_90 with H100's opt-in shared memory (the only attributes the kernels ask for).
+#define cudaDeviceGetAttribute(value, attr, dev)                                                             \
+  (*(value) = (attr) == cudaDevAttrComputeCapabilityMajor ? 9 : static_cast<int>(::mmfast_emulation::kSmemBytes), \
+   cudaSuccess)

@@ -51,13 +51,17 @@ inline int64_t attention_split_scratch_floats(const AttentionShape& shape, int s
   return splits > 1 ? splits * shape.batch * shape.heads * shape.q_len * (shape.head_dim + 1) : 0;
 }
 
+// Whether fp16/bf16 attention runs on the tensor-core kernels (mma.sync, sm_80 and later) on the current
+// device; fp32 always runs on the CUDA cores, exact (no TF32).
+bool attention_tensor_cores(DType dtype);
+
 // out = softmax(scale * q k^T) v over both segments; lse [B, H, Lq] = the rows' log-sum-exp. With
 // splits > 1 (attention_forward_splits) each of `splits` blocks per query block attends a range of the
 // keys into split_scratch (attention_split_scratch_floats) and a second kernel merges them by their
-// log-sum-exps.
+// log-sum-exps. tensor_cores (attention_tensor_cores) picks the mma kernels for fp16/bf16; fp32 ignores it.
 cudaError_t cross_attention_forward(DType dtype, const AttentionShape& shape, HeadRows q, const HeadRows (&k)[2],
                                     const HeadRows (&v)[2], float scale, MutableHeadRows out, float* lse,
-                                    int splits, float* split_scratch, cudaStream_t stream);
+                                    int splits, float* split_scratch, bool tensor_cores, cudaStream_t stream);
 
 // The fused backward: delta = rowsum(grad_out * out) into the scratch `delta` [B, H, Lq], then dK/dV
 // (one block per key block, streaming the queries) and dQ (one block per query block, streaming the keys):
@@ -66,6 +70,6 @@ cudaError_t cross_attention_backward(DType dtype, const AttentionShape& shape, H
                                      const HeadRows (&v)[2], HeadRows out, HeadRows grad_out, const float* lse,
                                      float scale, float* delta, MutableHeadRows grad_q,
                                      const MutableHeadRows (&grad_k)[2], const MutableHeadRows (&grad_v)[2],
-                                     cudaStream_t stream);
+                                     bool tensor_cores, cudaStream_t stream);
 
 }  // namespace mmfast::cuda

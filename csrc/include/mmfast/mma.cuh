@@ -98,4 +98,74 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* 
   ldmatrix<2, true>(r, smem_row);
 }
 
+
+// Two floats rounded to T and packed as one mma register (lo in the lower 16 bits).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma inputs are bf16 or fp16");
+  uint16_t l, h;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    l = static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(lo)).x;
+    h = static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(hi)).x;
+  } else {
+    l = static_cast<__half_raw>(__float2half_rn(lo)).x;
+    h = static_cast<__half_raw>(__float2half_rn(hi)).x;
+  }
+  return static_cast<uint32_t>(l) | static_cast<uint32_t>(h) << 16;
+}
+
+// ---- warp tiles: one warp's 16 rows against a shared-memory tile -----------------------------------------
+// An accumulator float acc[N / 8][4] holds a 16 x N fp32 tile as N / 8 mma C fragments: acc[j] covers
+// columns 8j .. 8j + 7 in the C layout above (lane g, t: rows g and g + 8, columns 8j + 2t and 8j + 2t + 1).
+// Shared tiles are row-major T with a pitch `ld` (elements) whose rows are 16-byte aligned; a pitch of
+// (multiple of 64) + 8 elements keeps ldmatrix's eight row reads in eight different bank groups.
+
+// acc += A @ B^T: A = the warp's 16 rows of a [.][K] tile (a points at its row 0), B = an [N][K] tile (the
+// N rows are the output columns), K and N multiples of 16. S = Q K^T in attention.
+template <typename T, int N, int K>
+__device__ __forceinline__ void warp_mma_abt(float (&acc)[N / 8][4], const T* a, int lda, const T* b, int ldb,
+                                             int lane) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "warp tiles are multiples of 16");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a + (lane % 16) * lda + kk * 16 + 8 * (lane / 16));
+#pragma unroll
+    for (int j2 = 0; j2 < N / 16; ++j2) {
+      // Matrices (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15) of B's 16
+      // rows: without .trans a row-major [n][k] tile is already mma's "col" B fragment.
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + (j2 * 16 + lane % 8 + 8 * (lane / 16)) * ldb + kk * 16 + 8 * (lane / 8 % 2));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_m16n8k16<T>(acc[2 * j2], af, b0, acc[2 * j2]);
+      mma_m16n8k16<T>(acc[2 * j2 + 1], af, b1, acc[2 * j2 + 1]);
+    }
+  }
+}
+
+// acc += P @ X: P = a 16 x K fp32 tile held as C fragments (p[K / 8][4], e.g. the probabilities just
+// computed from S), rounded to T and reused in registers as A fragments; X = a row-major [K][N] tile.
+// O += P V in attention. K and N multiples of 16.
+template <typename T, int K, int N>
+__device__ __forceinline__ void warp_mma_cb(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* x, int ldx,
+                                            int lane) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "warp tiles are multiples of 16");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    // C fragments of columns 16kk .. 16kk + 7 and 16kk + 8 .. 16kk + 15 are exactly the A fragment's
+    // (rows g / g + 8) x (k 2t, 2t + 1 / 2t + 8, 2t + 9): no shuffle needed.
+    const uint32_t af[4] = {pack_pair<T>(p[2 * kk][0], p[2 * kk][1]), pack_pair<T>(p[2 * kk][2], p[2 * kk][3]),
+                            pack_pair<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                            pack_pair<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int j2 = 0; j2 < N / 16; ++j2) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, x + (kk * 16 + lane % 16) * ldx + j2 * 16 + 8 * (lane / 16));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_m16n8k16<T>(acc[2 * j2], af, b0, acc[2 * j2]);
+      mma_m16n8k16<T>(acc[2 * j2 + 1], af, b1, acc[2 * j2 + 1]);
+    }
+  }
+}
+
 }  // namespace mmfast::cuda
