@@ -219,11 +219,9 @@ def test_mma_kernels_compile_for_sm80_and_sm90a(tmp_path):
     assert "trap;" not in text
 
 
-def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
-    """csrc/cuda/cross_attention.cu as the package builds it (torch's nvcc flags), for sm_90a with ptxas -v: every
-    tensor-core kernel (forward, dK/dV, dQ) for fp16 and bf16 at each padded head dim is there and keeps its
-    fragments in registers (no spill stores or loads: a spill puts local-memory traffic in the inner loop).
-    Prints the register table. ~20 s."""
+def ptxas_report(source: Path, tmp_path) -> dict:
+    """Compile `source` as the package builds it (torch's nvcc flags) for sm_90a with ptxas -v and return
+    {mangled kernel name: {"registers": R, "spills": spill store + load bytes}}."""
     import re
 
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
@@ -233,7 +231,7 @@ def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
         pytest.skip("needs nvcc")
     built = subprocess.run([nvcc, "-O3", "-std=c++20", "--use_fast_math", *COMMON_NVCC_FLAGS,
                             f"-I{ROOT / 'csrc' / 'include'}", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-                            "-c", str(ROOT / "csrc" / "cuda" / "cross_attention.cu"), "-o", str(tmp_path / "xa.o")],
+                            "-c", str(source), "-o", str(tmp_path / "kernels.o")],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-6000:]
     # ptxas -v: "Compiling entry function '<mangled>'", then "... N bytes spill stores, M bytes spill loads"
@@ -246,14 +244,38 @@ def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
             kernels.setdefault(current, {})["spills"] = int(m.group(1)) + int(m.group(2))
         elif current and (m := re.search(r"Used (\d+) registers", line)):
             kernels.setdefault(current, {})["registers"] = int(m.group(1))
+    return kernels
+
+
+def assert_compiled_without_spills(kernels: dict, mangled: str, readable: str):
+    """The kernel whose Itanium-mangled name contains `mangled` is in the ptxas report and spills nothing (a spill
+    puts local-memory traffic in the inner loop)."""
+    import re
+
+    pattern = re.compile(mangled)
+    found = [k for k in kernels if pattern.search(k)]
+    assert found, f"{readable} was not compiled"
+    info = kernels[found[0]]
+    print(f"{readable}: {info['registers']} registers, {info['spills']} bytes spilled")
+    assert info["spills"] == 0, f"{readable} spills: {info}"
+
+
+def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """csrc/cuda/cross_attention.cu for sm_90a: every tensor-core kernel (forward, dK/dV, dQ) for fp16 and bf16 at
+    each padded head dim is there and keeps its fragments in registers. Prints the register table. ~20 s."""
+    kernels = ptxas_report(ROOT / "csrc" / "cuda" / "cross_attention.cu", tmp_path)
     for name in ("forward", "dkdv", "dq"):
         for dtype in ("6__half", "13__nv_bfloat16"):
             for d in (16, 32, 64, 128):
                 # Itanium mangling: <len>attention_<name>_mma_kernelI<dtype>Li<D>E
-                pattern = re.compile(rf"\d+attention_{name}_mma_kernelI{dtype}Li{d}E")
-                found = [k for k in kernels if pattern.search(k)]
-                assert found, f"attention_{name}_mma_kernel<{dtype}, {d}> was not compiled"
-                info = kernels[found[0]]
-                print(f"attention_{name}_mma_kernel<{dtype.lstrip('0123456789')}, {d}>: "
-                      f"{info['registers']} registers, {info['spills']} bytes spilled")
-                assert info["spills"] == 0, f"attention_{name}_mma_kernel<{dtype}, {d}> spills: {info}"
+                assert_compiled_without_spills(kernels, rf"\d+attention_{name}_mma_kernelI{dtype}Li{d}E",
+                                               f"attention_{name}_mma_kernel<{dtype.lstrip('0123456789')}, {d}>")
+
+
+def test_contrastive_loss_fused_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """csrc/cuda/contrastive_loss.cu for sm_90a: the fused tensor-core CLIP forward for fp16 and bf16 keeps its
+    logit tile and row statistics in registers. ~15 s."""
+    kernels = ptxas_report(ROOT / "csrc" / "cuda" / "contrastive_loss.cu", tmp_path)
+    for dtype in ("6__half", "13__nv_bfloat16"):
+        assert_compiled_without_spills(kernels, rf"\d+clip_forward_fused_kernelI{dtype}E",
+                                       f"clip_forward_fused_kernel<{dtype.lstrip('0123456789')}>")

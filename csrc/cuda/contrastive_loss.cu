@@ -17,6 +17,10 @@
 //   SigLIP         the same 3 GEMMs; siglip_tile writes the loss partials and dX = sigmoid(x) - [pos]
 //                  in one pass (no row statistics needed), or only the loss when no gradient is wanted.
 //   Scalars        sum_rows: one block sums the per-row fp64 partials in a fixed order.
+//   CLIP forward, fused (fp16/bf16 on sm_80+, opt-in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has
+//                  validated and timed it): clip_forward_fused computes the chunk's dots on the tensor cores
+//                  and merges them into the row states and per-stripe column partials on chip, in place of
+//                  the GEMM and both passes above: no fp32 [Bi, W] scratch (section "fused" below).
 //
 // Memory: W = min(Bt, 4096), halved while Bi * W > 2^26, so the fp32 scratch stays <= 256 MB and the
 // extra memory is O(Bi * W + (Bi + Bt) * D), never Bi x Bt. At Bi = Bt = 65536, D = 768, bf16: W = 1024;
@@ -43,6 +47,7 @@
 #include "mmfast/contrastive_loss_cuda.h"
 #include "mmfast/cuda_launch.cuh"
 #include "mmfast/cuda_utils.cuh"
+#include "mmfast/mma.cuh"
 
 #include <algorithm>
 
@@ -81,6 +86,19 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
 
 // ================================ CLIP forward ==================================================
 
+// Row r's state over one chunk's columns, merged into its running state (row_max, row_sum) unless first;
+// the last chunk writes row_lse = lse + bias instead.
+__device__ __forceinline__ void merge_row_chunk(SoftmaxState st, int64_t r, bool first, bool last, float bias,
+                                                float* row_max, float* row_sum, float* row_lse) {
+  if (!first) st = softmax_merge(SoftmaxState{row_max[r], row_sum[r]}, st);
+  if (last) {
+    row_lse[r] = lse_of(st) + bias;
+  } else {
+    row_max[r] = st.max;
+    row_sum[r] = st.sum;
+  }
+}
+
 __global__ void __launch_bounds__(kRowWarps * 32)
     clip_row_merge_kernel(const float* __restrict__ dots, int64_t rows, int64_t width, int64_t c0,
                           const float* __restrict__ scale_p, const float* __restrict__ bias_p, int64_t label_offset,
@@ -105,13 +123,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   st = warp_reduce(st);
   if (lane != 0) return;
   const float bias = bias_p != nullptr ? *bias_p : 0.f;
-  if (!first) st = softmax_merge(SoftmaxState{row_max[r], row_sum[r]}, st);
-  if (last) {
-    row_lse[r] = lse_of(st) + bias;
-  } else {
-    row_max[r] = st.max;
-    row_sum[r] = st.sum;
-  }
+  merge_row_chunk(st, r, first, last, bias, row_max, row_sum, row_lse);
   const int64_t jp = r + label_offset - c0;  // the positive's column in this chunk
   if (jp >= 0 && jp < width) pos[r] = __fadd_rn(__fmul_rn(scale, d[jp]), bias);
 }
@@ -171,6 +183,110 @@ __global__ void __launch_bounds__(256)
     st = softmax_merge(st, SoftmaxState{part_max[s * width + j], part_sum[s * width + j]});
   }
   col_lse[j] = lse_of(st) + (bias_p != nullptr ? *bias_p : 0.f);
+}
+
+// ---- fused on the tensor cores (fp16/bf16, sm_80+) -------------------------------------------------
+// One kernel per chunk in place of cuBLAS + the two passes above: the dot products never leave the chip.
+// Block = a stripe of 64 rows (4 warps x 16 rows) against the chunk's columns in tiles of 64: each tile's
+// 64 x 64 dots come from mma.m16n8k16 (mmfast/mma.cuh) over the features in 64-wide slices staged in shared
+// memory; then x = scale * dot (rounded, as above) feeds the rows' online states (kept in registers across
+// the chunk) and one (max, sum-exp) per column of the stripe, merged warp by warp in a fixed order and
+// written as the stripe's partial; clip_col_finish_kernel merges the stripes in order, as it merges slices.
+// A lane holds rows g, g + 8 of its warp's 16 and columns 8j + 2t, 8j + 2t + 1 of the tile (g = lane / 4,
+// t = lane % 4). Scratch: 2 * stripes * width floats; the GEMM's fp32 [rows, width] output is never made.
+constexpr int kFusedRows = static_cast<int>(kFusedStripeRows), kFusedCols = 64, kFusedK = 64, kFusedThreads = 128;
+static_assert(kFusedRows == kFusedThreads / 32 * 16, "4 warps of 16 rows make a stripe");
+constexpr int kFusedPitch = kFusedK + 8;  // ldmatrix rows in 8 different bank groups
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads)
+    clip_forward_fused_kernel(const T* __restrict__ rows, const T* __restrict__ cols, int64_t n_rows, int64_t d,
+                              int64_t width, int64_t c0, const float* __restrict__ scale_p,
+                              const float* __restrict__ bias_p, int64_t label_offset, bool first, bool last,
+                              float* __restrict__ row_max, float* __restrict__ row_sum, float* __restrict__ row_lse,
+                              float* __restrict__ pos, float* __restrict__ part_max, float* __restrict__ part_sum) {
+  __shared__ __align__(16) T row_tile[kFusedRows * kFusedPitch];
+  __shared__ __align__(16) T col_tile[kFusedCols * kFusedPitch];
+  __shared__ float warp_col_max[kFusedThreads / 32][kFusedCols], warp_col_sum[kFusedThreads / 32][kFusedCols];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFusedRows;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  SoftmaxState row_state[2] = {empty_softmax_state(), empty_softmax_state()};  // rows g, g + 8 of the warp
+
+  for (int64_t j0 = 0; j0 < width; j0 += kFusedCols) {
+    float x[kFusedCols / 8][4] = {};
+    for (int64_t k0 = 0; k0 < d; k0 += kFusedK) {
+      const int slice = static_cast<int>(min(d - k0, static_cast<int64_t>(kFusedK)));
+      __syncthreads();  // the previous slice's (and column merge's) readers are done
+      load_rows_tile<kFusedRows, kFusedK, kFusedThreads>(row_tile, kFusedPitch, rows + k0, d, r0, n_rows - r0,
+                                                        slice);
+      load_rows_tile<kFusedCols, kFusedK, kFusedThreads>(col_tile, kFusedPitch, cols + k0, d, j0, width - j0,
+                                                        slice);
+      __syncthreads();
+      warp_mma_abt<T, kFusedCols, kFusedK>(x, row_tile + warp * 16 * kFusedPitch, kFusedPitch, col_tile, kFusedPitch,
+                                           lane);
+    }
+    // x = scale * dot; padding rows and columns become -inf, which every state below skips.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t r = r0 + warp * 16 + g + 8 * half;
+      const int64_t jp = r + label_offset - c0 - j0;  // the positive's column in this tile
+      float l[kFusedCols / 4];
+#pragma unroll
+      for (int j = 0; j < kFusedCols / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * j + 2 * t + e;
+          float& v = x[j][2 * half + e];
+          v = r < n_rows && j0 + c < width ? __fmul_rn(scale, v) : -INFINITY;
+          l[2 * j + e] = v;
+          if (c == jp && r < n_rows && j0 + c < width) pos[r] = __fadd_rn(v, bias);
+        }
+      SoftmaxState tile = empty_softmax_state();
+      softmax_add(tile, l);
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {  // the row's 4 lanes
+        tile = softmax_merge(tile, SoftmaxState{__shfl_xor_sync(0xffffffffu, tile.max, o),
+                                                __shfl_xor_sync(0xffffffffu, tile.sum, o)});
+      }
+      row_state[half] = softmax_merge(row_state[half], tile);
+    }
+    // Columns: the lane's two rows, then the warp's 8 row groups (lanes g = 0..7 of one t), then the 4 warps.
+#pragma unroll
+    for (int j = 0; j < kFusedCols / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float two[2] = {x[j][e], x[j][2 + e]};
+        SoftmaxState col = empty_softmax_state();
+        softmax_add(col, two);
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+          col = softmax_merge(col, SoftmaxState{__shfl_xor_sync(0xffffffffu, col.max, o),
+                                                __shfl_xor_sync(0xffffffffu, col.sum, o)});
+        }
+        if (g == 0) {
+          warp_col_max[warp][8 * j + 2 * t + e] = col.max;
+          warp_col_sum[warp][8 * j + 2 * t + e] = col.sum;
+        }
+      }
+    __syncthreads();
+    if (threadIdx.x < kFusedCols && j0 + threadIdx.x < width) {
+      SoftmaxState col = empty_softmax_state();
+      for (int w = 0; w < kFusedThreads / 32; ++w) {
+        col = softmax_merge(col, SoftmaxState{warp_col_max[w][threadIdx.x], warp_col_sum[w][threadIdx.x]});
+      }
+      const int64_t k = static_cast<int64_t>(blockIdx.x) * width + j0 + threadIdx.x;
+      part_max[k] = col.max;
+      part_sum[k] = col.sum;
+    }
+  }
+  if (t != 0) return;  // no barrier follows
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = r0 + warp * 16 + g + 8 * half;
+    if (r < n_rows) merge_row_chunk(row_state[half], r, first, last, bias, row_max, row_sum, row_lse);
+  }
 }
 
 // ================================ gradients =====================================================
@@ -458,6 +574,35 @@ cudaError_t clip_forward_cols(const float* dots, int64_t rows, int64_t width, co
                 part_max, part_sum);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   MMFAST_LAUNCH(clip_col_finish_kernel, grid((width + 255) / 256), 256, 0, stream, part_max, part_sum, slices, width,
+                bias, col_lse);
+  return cudaGetLastError();
+}
+
+bool clip_forward_fused_supported(DType dtype) {
+  return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
+}
+
+cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
+                               int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
+                               bool first, bool last, float* row_max, float* row_sum, float* row_lse,
+                               float* pos_logits, float* partial, float* col_lse, cudaStream_t stream) {
+  if (n_rows == 0 || width == 0) return cudaSuccess;
+  const int64_t stripes = clip_fused_stripes(n_rows);
+  float* part_max = partial;
+  float* part_sum = partial + stripes * width;
+  const cudaError_t e = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // fp32 stays on cuBLAS (exact; no TF32)
+    } else {
+      MMFAST_LAUNCH(clip_forward_fused_kernel<T>, grid(stripes), kFusedThreads, 0, stream, static_cast<const T*>(rows),
+                    static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias, label_offset, first, last,
+                    row_max, row_sum, row_lse, pos_logits, part_max, part_sum);
+      return cudaGetLastError();
+    }
+  });
+  if (e != cudaSuccess) return e;
+  MMFAST_LAUNCH(clip_col_finish_kernel, grid((width + 255) / 256), 256, 0, stream, part_max, part_sum, stripes, width,
                 bias, col_lse);
   return cudaGetLastError();
 }

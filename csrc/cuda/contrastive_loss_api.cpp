@@ -88,13 +88,14 @@ struct Block {
         bi(r.size(0)),
         bt(c.size(0)),
         d(r.size(1)),
-        width(chunk_width(bi, bt)),
-        dots_buf(at::empty({bi * width}, r.options().dtype(at::kFloat))) {}
+        width(chunk_width(bi, bt)) {}
 
   Tensor cols_chunk(int64_t c0, int64_t w) const { return cols.narrow(0, c0, w); }
 
-  // dots [Bi, w] = rows @ cols[c0, c0 + w)^T in fp32 (cuBLAS, fp32 accumulation for every dtype).
+  // dots [Bi, w] = rows @ cols[c0, c0 + w)^T in fp32 (cuBLAS, fp32 accumulation for every dtype); the
+  // scratch is made on first use (the fused CLIP forward needs none).
   Tensor dots(int64_t c0, int64_t w) {
+    if (!dots_buf.defined()) dots_buf = at::empty({bi * width}, rows.options().dtype(at::kFloat));
     Tensor out = dots_buf.narrow(0, 0, bi * w).view({bi, w});
     at::mm_out(out, rows, cols_chunk(c0, w).t(), at::kFloat);
     return out;
@@ -181,9 +182,19 @@ std::tuple<Tensor, Tensor, Tensor> clip_loss_block_cuda(const Tensor& rows, cons
   const bool chunked = b.bt > b.width;
   Tensor row_max = chunked ? at::empty({b.bi}, f32) : Tensor();
   Tensor row_sum = chunked ? at::empty({b.bi}, f32) : Tensor();
-  Tensor partial = at::empty({2 * kc::clip_col_slices(b.bi) * b.width}, f32);
+  // fp16/bf16 on sm_80+: the chunk's GEMM and both passes in one tensor-core kernel (no fp32 dots).
+  const bool fused = cuda_glue::tensor_cores_opted_in() && kc::clip_forward_fused_supported(kernel_dtype(b.rows));
+  Tensor partial =
+      at::empty({2 * (fused ? kc::clip_fused_stripes(b.bi) : kc::clip_col_slices(b.bi)) * b.width}, f32);
   for (int64_t c0 = 0; c0 < b.bt; c0 += b.width) {
     const int64_t w = std::min(b.width, b.bt - c0);
+    if (fused) {
+      C10_CUDA_CHECK(kc::clip_forward_fused(kernel_dtype(b.rows), b.rows.data_ptr(), b.cols.data_ptr(), b.bi, b.d, w,
+                                            c0, b.scale_ptr(), b.bias_ptr(), label_offset, c0 == 0, c0 + w == b.bt,
+                                            fptr(row_max), fptr(row_sum), fptr(row_lse), fptr(pos_logits),
+                                            fptr(partial), fptr(col_lse) + c0, stream));
+      continue;
+    }
     const Tensor dots = b.dots(c0, w);
     C10_CUDA_CHECK(kc::clip_forward_rows(fptr(dots), b.bi, w, c0, b.scale_ptr(), b.bias_ptr(), label_offset, c0 == 0,
                                          c0 + w == b.bt, fptr(row_max), fptr(row_sum), fptr(row_lse),

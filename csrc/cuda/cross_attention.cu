@@ -91,9 +91,7 @@ struct Params {
 // ---- tile helpers ------------------------------------------------------------------------------------
 // Copies rows [r0, r0 + n) of one head into tile[ROWS][ld]; rows >= n and columns >= d (up to the padded
 // head dim D) become 0, so padded rows and columns add nothing to any product. Whole block (THREADS threads).
-// The CUDA-core kernels' tiles are fp32; the tensor-core kernels' keep T (fp16/bf16), copied in 16-byte
-// chunks of 8 elements: one load each where the source chunk is whole and 16-byte aligned, element by element
-// otherwise (odd head dims or strides).
+// The CUDA-core kernels' tiles are fp32; the tensor-core kernels' keep T (fp16/bf16, mmfast/mma.cuh).
 template <int ROWS, int D, int THREADS = kThreads, typename Tile, typename T>
 __device__ __forceinline__ void load_tile(Tile* tile, int ld, const T* head, int64_t row_stride, int64_t r0,
                                           int64_t n, int d) {
@@ -103,18 +101,8 @@ __device__ __forceinline__ void load_tile(Tile* tile, int ld, const T* head, int
       tile[r * ld + c] = (r < n && c < d) ? to_float(head[(r0 + r) * row_stride + c]) : 0.f;
     }
   } else {
-    static_assert(std::is_same_v<Tile, T> && sizeof(T) == 2 && D % 8 == 0, "T tiles: 16-bit, in chunks of 8");
-    for (int e = threadIdx.x; e < ROWS * D / 8; e += THREADS) {
-      const int r = e / (D / 8), c = e % (D / 8) * 8;
-      const T* src = head + (r0 + r) * row_stride + c;
-      T* dst = tile + r * ld + c;
-      if (r < n && c + 8 <= d && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dst[i] = r < n && c + i < d ? src[i] : from_float<T>(0.f);
-      }
-    }
+    static_assert(std::is_same_v<Tile, T>, "T tiles hold the operands' own type");
+    load_rows_tile<ROWS, D, THREADS>(tile, ld, head, row_stride, r0, n, d);
   }
 }
 

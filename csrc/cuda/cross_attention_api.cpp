@@ -9,10 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
 #include <tuple>
 
 #include "mmfast/checks.h"
@@ -34,15 +32,9 @@ kc::MutableHeadRows mutable_rows_of(const at::Tensor& x) {
   return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// fp16/bf16 on the tensor-core kernels: opt in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has validated
-// them (benchmarks/gpu_check.sh sets it; the emulator tests them in CI). Otherwise the CUDA-core kernels,
-// which the H200 run of 2026-12-04 validated, serve every dtype. Read once per process.
+// fp16/bf16 on the tensor-core kernels where the device has them, once opted in (cuda_glue.h).
 bool use_tensor_cores(kc::DType dtype) {
-  static const bool opted_in = [] {
-    const char* v = std::getenv("MMFAST_CUDA_TENSOR_CORES");
-    return v != nullptr && std::string_view(v) == "1";
-  }();
-  return opted_in && kc::attention_tensor_cores(dtype);
+  return cuda_glue::tensor_cores_opted_in() && kc::attention_tensor_cores(dtype);
 }
 
 // What the kernels need beyond the shared checks: CUDA tensors, a block's shared memory that this

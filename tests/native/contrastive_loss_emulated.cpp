@@ -188,13 +188,28 @@ struct Forward {
   Vec<float> row_lse, col_lse, pos_logits;
 };
 
+// fused: fp16/bf16 through the tensor-core kernel that makes its own dots (clip_forward_fused), over the same
+// chunks; otherwise the glue's GEMM (float64 products rounded to fp32) and the two passes.
 template <typename T>
-Forward clip_forward(const Block<T>& b) {
+Forward clip_forward(const Block<T>& b, bool fused = false) {
   const Shape& s = b.s;
   Forward out{poisoned<float>(s.bi), poisoned<float>(s.bt), Vec<float>(s.bi, 0.f)};  // the glue zeroes pos_logits
   // Running row state only when there is more than one chunk (the glue passes null otherwise).
   const int64_t state = s.bt > s.width ? s.bi : 0;
   Vec<float> row_max = poisoned<float>(state), row_sum = poisoned<float>(state);
+  if (fused) {
+    Vec<float> partial = poisoned<float>(2 * kc::clip_fused_stripes(s.bi) * s.width);
+    Vec<T> rows(b.rows.begin(), b.rows.end()), cols(b.cols.begin(), b.cols.end());  // 16-byte aligned, as the glue's
+    expect(kc::clip_forward_fused_supported(dtype_of<T>()), b.tag + " fused forward supported");
+    for (int64_t c0 = 0; c0 < s.bt; c0 += s.width) {
+      const int64_t w = std::min(s.width, s.bt - c0);
+      launched(kc::clip_forward_fused(dtype_of<T>(), rows.data(), cols.data(), s.bi, s.d, w, c0, b.scale(), b.bias(),
+                                      s.label_offset, c0 == 0, c0 + w == s.bt, data_or_null(row_max),
+                                      data_or_null(row_sum), out.row_lse.data(), out.pos_logits.data(),
+                                      partial.data(), out.col_lse.data() + c0, nullptr));
+    }
+    return out;
+  }
   Vec<float> partial = poisoned<float>(2 * kc::clip_col_slices(s.bi) * s.width);
   b.chunks([&](int64_t c0, int64_t w, const float* dots) {
     launched(kc::clip_forward_rows(dots, s.bi, w, c0, b.scale(), b.bias(), s.label_offset, c0 == 0, c0 + w == s.bt,
@@ -214,7 +229,7 @@ double lse(const std::vector<double>& x) {
 }
 
 template <typename T>
-void check_clip_forward(const Block<T>& b, const Forward& f) {
+void check_clip_forward(const Block<T>& b, const Forward& f, const std::string& path = "") {
   const Shape& s = b.s;
   std::vector<double> row_lse(s.bi), col_lse(s.bt), pos(s.bi, 0.0), x;
   for (int64_t i = 0; i < s.bi; ++i) {
@@ -232,11 +247,12 @@ void check_clip_forward(const Block<T>& b, const Forward& f) {
   // The dots, x = scale * dot and + bias are each rounded to fp32: 8 ulps of the largest term.
   double size = 1;
   for (double dot : b.dots) size = std::max(size, std::abs(s.scale * dot) + std::abs(b.bias_value()));
-  expect_each(f.row_lse.data(), row_lse, size, 0x1p-21, b.tag + " row_lse");
-  expect_each(f.col_lse.data(), col_lse, size, 0x1p-21, b.tag + " col_lse");
-  expect_each(f.pos_logits.data(), pos, size, 0x1p-21, b.tag + " pos_logits");
+  const std::string tag = b.tag + path;
+  expect_each(f.row_lse.data(), row_lse, size, 0x1p-21, tag + " row_lse");
+  expect_each(f.col_lse.data(), col_lse, size, 0x1p-21, tag + " col_lse");
+  expect_each(f.pos_logits.data(), pos, size, 0x1p-21, tag + " pos_logits");
   if (s.bi == 1 && s.bt == 1 && s.label_offset == 0) {  // log1p(0) = 0: the CLIP loss of one pair is exactly 0
-    expect(f.row_lse[0] == f.pos_logits[0] && f.col_lse[0] == f.pos_logits[0], b.tag + " 1x1 lse == positive logit");
+    expect(f.row_lse[0] == f.pos_logits[0] && f.col_lse[0] == f.pos_logits[0], tag + " 1x1 lse == positive logit");
   }
 }
 
@@ -467,6 +483,7 @@ void run(const Shape& shape, unsigned seed, bool confident = false) {
   const Shape& s = b.s;
   const Forward f = clip_forward(b);
   check_clip_forward(b, f);
+  if constexpr (!std::is_same_v<T, float>) check_clip_forward(b, clip_forward(b, true), " fused");
 
   std::mt19937 gen(seed + 1000);
   std::normal_distribution<float> normal;
@@ -537,6 +554,11 @@ int main(int argc, char** argv) {
   // No positive in the block: labels all to the right, all to the left.
   run<float>({12, 10, 4, 4, 10, 3.f, -1.25f, 0.1f}, 11);
   run<__nv_bfloat16>({12, 10, 4, 3, -12, 3.f, std::nullopt, 0.1f}, 12);
+  // The fused tensor-core forward's edges: three 64-row stripes (the last of 22 rows), 64-column tiles ragged at
+  // 70 and 140, feature slices of 64 with a ragged third; d = 130 puts rows at 260-byte strides (the tile loads'
+  // element-wise path), d = 128 at 16-byte aligned ones (the 16-byte path).
+  run<__half>({150, 140, 130, 70, 2, 3.f, -1.25f, 0.01f}, 15);
+  run<__nv_bfloat16>({70, 140, 128, 140, -1, 2.f, std::nullopt, 0.01f}, 16);
   // SigLIP at open_clip's init (scale 10, bias -10).
   run<__half>({16, 24, 8, 10, 0, 10.f, -10.f, 1e-3f}, 13);
   // Confident positives (1 - P ~ 1.4e-4) under the symmetric loss's gradients: the positive's dL/dx =

@@ -42,6 +42,19 @@ cudaError_t clip_forward_rows(const float* dots, int64_t rows, int64_t width, in
 cudaError_t clip_forward_cols(const float* dots, int64_t rows, int64_t width, const float* scale, const float* bias,
                               float* partial, float* col_lse, cudaStream_t stream);
 
+// ---- CLIP forward fused on the tensor cores (fp16/bf16, sm_80+) ----------------------------------------
+// Both passes above and the chunk's GEMM in one kernel (+ the column merge): rows [n_rows, d] and cols
+// [Bt, d] contiguous dtype features; the chunk is cols[c0, c0 + width). Same outputs and running state as
+// clip_forward_rows + clip_forward_cols, with partial: scratch of 2 * clip_fused_stripes(n_rows) * width
+// floats; no fp32 dots. clip_forward_fused_supported: whether it runs on this dtype and device.
+inline constexpr int64_t kFusedStripeRows = 64;
+inline int64_t clip_fused_stripes(int64_t rows) { return (rows + kFusedStripeRows - 1) / kFusedStripeRows; }
+bool clip_forward_fused_supported(DType dtype);
+cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
+                               int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
+                               bool first, bool last, float* row_max, float* row_sum, float* row_lse,
+                               float* pos_logits, float* partial, float* col_lse, cudaStream_t stream);
+
 // ---- gradients ----------------------------------------------------------------------------------
 // factor[0] = f, factor[1] = 1 / f: the power of two by which the gradient tiles dX are multiplied
 // before they are rounded to fp16 (5 exponent bits: CLIP's coefficients, ~1/B, are subnormal there at

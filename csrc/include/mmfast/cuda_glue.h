@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #include "mmfast/checks.h"
 #include "mmfast/cuda_types.h"
@@ -38,6 +40,17 @@ inline at::Tensor aligned(const at::Tensor& t) {
 inline at::Tensor scalar_arg(const at::Tensor& value, const char* name, const at::Tensor& like) {
   check_scalar_tensor(value, name, like);
   return value.reshape({}).to(at::kFloat).contiguous();
+}
+
+// The tensor-core kernels (cross-attention, the fused CLIP forward) are opt-in with MMFAST_CUDA_TENSOR_CORES=1
+// until a GPU run has validated them (benchmarks/gpu_check.sh sets it; the emulator tests them in CI);
+// otherwise the kernels the H200 run of 2026-12-04 validated serve every dtype. Read once per process.
+inline bool tensor_cores_opted_in() {
+  static const bool opted_in = [] {
+    const char* v = std::getenv("MMFAST_CUDA_TENSOR_CORES");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  return opted_in;
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -114,6 +114,35 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   return static_cast<uint32_t>(l) | static_cast<uint32_t>(h) << 16;
 }
 
+// Copies rows [r0, r0 + ROWS) of a row-major T matrix (row r at src + r * row_stride) into shared memory
+// (tile[(r - r0) * ld + c], ld a multiple of 8), zero-filling tile rows >= n_rows and columns >= n_cols so that
+// padding adds nothing to a product. Whole block (THREADS threads), in 16-byte chunks of 8 elements: one load
+// each where the source chunk is whole and 16-byte aligned, element by element otherwise (odd widths or
+// strides). The index arithmetic is the attention kernels' original: hoisting src + r0 * row_stride or a
+// 64-bit n_cols made ptxas spill 32-116 bytes in the d=64/128 attention forward on sm_90a.
+template <int ROWS, int COLS, int THREADS, typename T>
+__device__ __forceinline__ void load_rows_tile(T* tile, int ld, const T* src, int64_t row_stride, int64_t r0,
+                                               int64_t n_rows, int n_cols) {
+  static_assert(sizeof(T) == 2 && COLS % 8 == 0, "T tiles: 16-bit, in chunks of 8");
+  T zero;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    zero = __float2bfloat16_rn(0.f);
+  } else {
+    zero = __float2half_rn(0.f);
+  }
+  for (int e = threadIdx.x; e < ROWS * COLS / 8; e += THREADS) {
+    const int r = e / (COLS / 8), c = e % (COLS / 8) * 8;
+    const T* from = src + (r0 + r) * row_stride + c;
+    T* to = tile + r * ld + c;
+    if (r < n_rows && c + 8 <= n_cols && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) to[i] = r < n_rows && c + i < n_cols ? from[i] : zero;
+    }
+  }
+}
+
 // ---- warp tiles: one warp's 16 rows against a shared-memory tile -----------------------------------------
 // An accumulator float acc[N / 8][4] holds a 16 x N fp32 tile as N / 8 mma C fragments: acc[j] covers
 // columns 8j .. 8j + 7 in the C layout above (lane g, t: rows g and g + 8, columns 8j + 2t and 8j + 2t + 1).
