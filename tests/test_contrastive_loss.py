@@ -8,7 +8,7 @@ opcheck covers the schemas, fake impls and autograd registration of every operat
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close_to_reference, backend_device_params, rel_err
+from conftest import DEVICES, assert_close_to_reference, backend_device_params, dtypes_for, rel_err
 from torch.library import opcheck
 
 import mmfast
@@ -205,17 +205,30 @@ def test_clip_block_statistics_with_label_offset(Bi, Bt, offset):
     assert_clip_block_statistics(row_lse, col_lse, pos, block_logits(rows, cols, 2.5, -1.0), offset)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_block_operators_across_column_chunks_match_float64(device, dtype):
-    """The three block operators on the native kernels of `device` against float64 on the rounded inputs.
-    Bt = 4136 > 4096: two column chunks in the CUDA kernels (several 512-column tiles on the CPU), with
-    positives straddling the chunk boundary (offset 4080) or partly outside the block (offset -10).
-    Upstream coefficients of 1e-5 (CLIP's 1/(2B) at B = 50000) make every dL/dx entry subnormal in fp16:
-    rounded as they are, the fp16 feature gradients are off by ~4.5e-3 (measured in an emulation), so
-    passing 2 fp16 epsilons needs the rescaled gradient tile (csrc/cuda/contrastive_loss.cu: ~3e-4)."""
-    if device == "cuda" and "cuda" not in cl.IMPLEMENTATIONS:
+BLOCK_OPERATOR_PARAMS = [pytest.param(kernels, device, dtype, id=f"{kernels}-{device}-{str(dtype)[6:]}")
+                         for device in DEVICES for kernels in ("native", "triton")
+                         for dtype in dtypes_for("triton" if kernels == "triton" else "cpu", device)]
+
+
+@pytest.mark.parametrize("kernels,device,dtype", BLOCK_OPERATOR_PARAMS)
+def test_block_operators_across_column_chunks_match_float64(kernels, device, dtype, monkeypatch):
+    """The three block operators (the extension's kernels for `device`, or the Triton ones) against float64 on
+    the rounded inputs. Bt = 4136 > 4096: two column chunks in the CUDA kernels (several 512-column tiles on the
+    CPU; Triton: chunks of 1024 columns here), with positives straddling the chunk boundary (offset 4080) or
+    partly outside the block (offset -10). Upstream coefficients of 1e-5 (CLIP's 1/(2B) at B = 50000) make every
+    dL/dx entry subnormal in fp16: rounded as they are, the fp16 feature gradients are off by ~4.5e-3 (measured
+    in an emulation), so passing 2 fp16 epsilons needs the rescaled gradient (csrc/cuda/contrastive_loss.cu and
+    mmfast/triton/contrastive_loss.py: ~3e-4)."""
+    if kernels == "triton":
+        tc = triton_contrastive_module()
+        # 1024-column chunks (fp32 G at Bi = 24): the chunk loop and positives across chunk boundaries.
+        monkeypatch.setattr(tc, "GRAD_CHUNK_BYTES", 24 * 1024 * 4)
+    elif device == "cuda" and "cuda" not in cl.IMPLEMENTATIONS:
         pytest.skip(f"this extension has no CUDA kernels for the contrastive-loss ops ({cl.IMPLEMENTATIONS})")
+    suffix = "_triton" if kernels == "triton" else ""
+    clip_block = getattr(torch.ops.mmfast, "clip_loss_block" + suffix)
+    clip_block_backward = getattr(torch.ops.mmfast, "clip_loss_block_backward" + suffix)
+    siglip_block = getattr(torch.ops.mmfast, "siglip_loss_block" + suffix)
     gen = torch.Generator().manual_seed(14)
     Bi, Bt, D, scale, bias = 24, 4136, 16, 30.0, -1.0
     rows = F.normalize(torch.randn(Bi, D, generator=gen), dim=-1).to(dtype)
@@ -238,12 +251,11 @@ def test_block_operators_across_column_chunks_match_float64(device, dtype):
         assert abs(got[3].item() - want[3].item()) <= 1e-5 * G.abs().sum().item(), (name, "bias")
 
     for offset in (4080, -10):
-        row_lse, col_lse, pos = torch.ops.mmfast.clip_loss_block(*args, offset)
+        row_lse, col_lse, pos = clip_block(*args, offset)
         assert_clip_block_statistics(row_lse, col_lse, pos, x, offset)
         inside = (i + offset >= 0) & (i + offset < Bt)
         gr, gc, gp = (1e-5 * torch.randn(n, generator=gen) for n in (Bi, Bt, Bi))
-        got = torch.ops.mmfast.clip_loss_block_backward(*args, offset, row_lse, col_lse, gr.to(device), gc.to(device),
-                                                        gp.to(device))
+        got = clip_block_backward(*args, offset, row_lse, col_lse, gr.to(device), gc.to(device), gp.to(device))
         rl, cl_ = row_lse.cpu().double(), col_lse.cpu().double()  # the backward's P uses the given lses
         G = gr.double()[:, None] * (x - rl[:, None]).exp() + gc.double()[None, :] * (x - cl_[None, :]).exp()
         G[i[inside], i[inside] + offset] += gp.double()[inside]
@@ -253,7 +265,7 @@ def test_block_operators_across_column_chunks_match_float64(device, dtype):
         positive = torch.zeros(Bi, Bt, dtype=torch.bool)
         if has_positives:
             positive[i, i] = True
-        loss, *grads = torch.ops.mmfast.siglip_loss_block(*args, has_positives, True)
+        loss, *grads = siglip_block(*args, has_positives, True)
         want_loss = F.softplus(torch.where(positive, -x, x)).sum()
         assert abs(loss.item() - want_loss.item()) <= 1e-5 * want_loss.item()
         check_grads(grads, torch.sigmoid(x) - positive.double(), f"siglip has_positives={has_positives}")
@@ -418,7 +430,7 @@ def test_bad_operator_arguments_are_errors_not_crashes():
 # ---- Triton forward: band grid, scratch O(Bi + Bt) -------------------------------------------------
 # (Issue 3 item 1: extra memory independent of B^2.) Small tiles and MAX_BANDS = 3 make several bands of
 # uneven tile counts at small B: 100 rows of 16-row tiles = 7 tiles in bands of 2, 2, 3.
-BAND_BLOCKS = (16, 16, 16, 0, 4, 1)  # a _BLOCKS "forward" entry: BLOCK_M, BLOCK_N, BLOCK_D, -, warps, stages
+BAND_BLOCKS = (16, 16, 16, 4, 1)  # a _BLOCKS "forward" entry: BLOCK_M, BLOCK_N, BLOCK_D, warps, stages
 
 
 def triton_contrastive_module():

@@ -58,26 +58,27 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(attn._bwd_delta_kernel, dict(BLOCK_R=64, BLOCK_D=64),
                        lambda n: "fp32" if n == "delta_ptr" else dt)
 
-        # contrastive losses: the features (and their gradients) in dt, statistics and scalars fp32
-        features = ("r_ptr", "c_ptr", "out_ptr")
-        common = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, PRECISION=precision, UPCAST=False,
-                      SCALE_G=dt == "fp16", HAS_BIAS=True, HAS_POS=True)
+        # contrastive losses: the features (and the gradient chunk buffer g_ptr) in dt, statistics and scalars fp32
+        features = ("r_ptr", "c_ptr", "g_ptr")
+        common = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION=precision, UPCAST=False, HAS_BIAS=True,
+                      HAS_POS=True)
         for siglip in (False, True):
-            grads = dict(common, SIGLIP=siglip, HAS_GR=not siglip, HAS_GC=not siglip, HAS_GP=not siglip)
-            for kern in (loss._bwd_rows_kernel, loss._bwd_cols_kernel):
-                compile_kernel(kern, grads, lambda n: dt if n in features else "fp32")
+            grads = dict(common, SIGLIP=siglip, HAS_GR=not siglip, HAS_GC=not siglip, HAS_GP=not siglip,
+                         HAS_FACTOR=dt == "fp16")
+            compile_kernel(loss._grad_tile_kernel, grads, lambda n: dt if n in features else "fp32")
         for kern in (loss._clip_fwd_kernel, loss._siglip_loss_kernel):
             compile_kernel(kern, common, lambda n: dt if n in features else "fp32")
         compile_kernel(loss._lse_combine_kernel, dict(HAS_BIAS=True, BLOCK=128), lambda n: "fp32")
-    # The tuned GPU entries of the loss gradients (the H200 sweep's 8-warp, 3-stage tiles), as launched.
-    bm, bn, bd, bdo, warps, stages = loss._BLOCKS["half"]["backward"]
-    for dt in ("fp16", "bf16"):
-        tuned = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, PRECISION="tf32", UPCAST=False,
-                     SCALE_G=dt == "fp16", HAS_BIAS=True, HAS_POS=True)
-        for siglip in (False, True):
-            grads = dict(tuned, SIGLIP=siglip, HAS_GR=not siglip, HAS_GC=not siglip, HAS_GP=not siglip)
-            for kern in (loss._bwd_rows_kernel, loss._bwd_cols_kernel):
-                compile_kernel(kern, grads, lambda n: dt if n in features else "fp32", warps, stages)
+    # The loss gradient kernel's GPU entries, as launched.
+    for table, dts in (("half", ("fp16", "bf16")), ("fp32", ("fp32",))):
+        bm, bn, bd, warps, stages = loss._BLOCKS[table]["backward"]
+        for dt in dts:
+            tuned = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION="ieee" if dt == "fp32" else "tf32",
+                         UPCAST=False, HAS_BIAS=True, HAS_POS=True, HAS_FACTOR=dt == "fp16")
+            for siglip in (False, True):
+                grads = dict(tuned, SIGLIP=siglip, HAS_GR=not siglip, HAS_GC=not siglip, HAS_GP=not siglip)
+                compile_kernel(loss._grad_tile_kernel, grads, lambda n: dt if n in features else "fp32", warps,
+                               stages)
     print("all kernels compiled for sm_90")
 ''')
 

@@ -27,30 +27,29 @@ per program fills the SMs less evenly than single tiles at mid-size B (NOT tuned
 logit: a shared tile max would underflow rows far below the tile's top row (scale 100 spreads logits over
 ~200).
 
-Backward (CLIP, and SigLIP with compute_grad): G = dL/dx is rebuilt tile by tile from recomputed dots.
-A row-side kernel (one program per [BLOCK_M rows, BLOCK_DO features] block, sweeping the column tiles)
-accumulates dRows = scale * G @ cols and writes per-row sum(G * dot), sum(G) (and SigLIP's per-row loss);
-a column-side kernel mirrors it for dCols = scale * G^T @ rows. Every sum runs in a fixed order in one
-program, so the results are deterministic (no atomics); the scalar gradients are fp64 torch sums of the
-per-row partials. Cost: each side recomputes the dots once per D block, so 2 * (ceil(D / BLOCK_DO) + 1)
-GEMMs of Bi*Bt*D where the CPU kernel runs 3 with a per-thread scratch tile. NOT tuned on a GPU yet;
-a stripe scheme (G for BLOCK_M x Bt at a time in memory, then plain GEMMs) would reach 3 GEMMs for
-O(D * Bt) extra memory if the recompute shows up in profiles.
+Backward (CLIP, and SigLIP with compute_grad): G = dL/dx is rebuilt from recomputed dots once, chunk by chunk
+of columns [c0, c0 + W): _grad_tile_kernel (one program per [BLOCK_M, BLOCK_N] tile of the chunk, one GEMM of
+dots) writes G into a [Bi, W] buffer in the features' dtype and per-(row, tile) sum(G * dot), sum(G) (and
+SigLIP's loss); then cuBLAS runs grad_rows += G @ cols[chunk] (fp32 accumulator) and grad_cols[chunk] =
+G^T @ rows. 3 GEMMs of Bi*Bt*D in all, as the CUDA backend and the CPU kernel. The former Triton-only scheme
+(row-side and column-side kernels that each rebuilt G once per block of output features) ran 2 * (D / 256 + 1)
+= 8 at D=768: 0.09x eager for CLIP bf16 B=65536 on the H200 (issue 15). Extra memory: the buffer (at most
+GRAD_CHUNK_BYTES), the [Bi, D] fp32 accumulator and [3, W / BLOCK_N, Bi] fp32 partials, never Bi x Bt for large
+B. Deterministic: no atomics; the partials add up in fp64 in a fixed order.
 
-SigLIP's gradient needs no row statistics, so with compute_grad the two gradient kernels are the whole
-operator (the row side also sums the loss); without it the forward's band grid sums each row's loss over a
-column band in registers ([NB_C, Bi] partials, then one torch sum). Neither backward kernel keeps more than
-O(Bi) per-row partials (sum(G * dot), sum(G), loss) besides the O(B * D) gradients.
+SigLIP's gradient needs no row statistics, so with compute_grad the gradient pass is the whole operator (the
+tile kernel also sums the loss); without it the forward's band grid sums each row's loss over a column band
+in registers ([NB_C, Bi] partials, then one torch sum).
 
-dtypes: statistics, G and every accumulator are fp32. The gradient GEMMs take G in the input dtype
-(tensor cores) as autograd would hold it. fp16 cannot hold G (1/(2B)-sized coefficients times small
-probabilities underflow it), so each fp16 G tile is multiplied by a power of two that puts its largest
-entry near 2^14 and the product is divided by it again (a per-tile block exponent); bf16 has fp32's
-exponent range and rounds G directly. Under the interpreter fp16/bf16 operands are widened to fp32 before
-tl.dot (exact, as the GPU's MMA products are): its bf16 dot runs numpy on the raw uint16 bits (garbage),
-and its fp16 dot is numpy's non-BLAS loop (measured 20x slower than fp32 on a 512 x 1024 x 64 tile); G
-is rounded to fp16/bf16 there by fp32 arithmetic (_round_fp16, _round_bf16), bit-identical to a rounding
-cast and ~10x cheaper than the interpreter's casts (whose fp32 -> bf16 also truncates instead of rounding).
+dtypes: statistics and every accumulator are fp32. The gradient GEMMs take G in the features' dtype (tensor
+cores) as autograd would hold it. fp16 cannot hold G as it is (1/(2B)-sized coefficients times small
+probabilities underflow it), so fp16 G is multiplied by a power of two from a bound on |G| (the CUDA backend's
+gradient factor, _fp16_gradient_factor), undone exactly after the GEMMs; bf16 has fp32's exponent range and
+rounds G directly. Under the interpreter fp16/bf16 operands are widened to fp32 before tl.dot (exact, as the
+GPU's MMA products are): its bf16 dot runs numpy on the raw uint16 bits (garbage), and its fp16 dot is
+numpy's non-BLAS loop (measured 20x slower than fp32 on a 512 x 1024 x 64 tile); G is rounded to fp16/bf16
+there by fp32 arithmetic (_round_fp16, _round_bf16), bit-identical to a rounding cast and ~10x cheaper than
+the interpreter's casts (whose fp32 -> bf16 also truncates instead of rounding), and held in an fp32 buffer.
 """
 from typing import Optional
 
@@ -61,9 +60,6 @@ import triton.language as tl
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
                                   dot_precision, optional_scalar, pow2_block)
 
-# G * 2^k with the largest |G| of a tile in [2^13, 2^14]: far below fp16's 65504 and 2^24 above its
-# smallest normal, so only entries 2^-24 below the tile's largest lose bits.
-FP16_G_EXPONENT: tl.constexpr = tl.constexpr(14.0)
 
 
 # ---- shared device functions ---------------------------------------------------------------------
@@ -90,16 +86,6 @@ def _round_fp16(x):
     c = x * 8193.0  # 2^13 + 1
     hi = c - (c - x)
     return tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, hi)
-
-
-@triton.jit
-def _store_grad(ptrs, acc, mask, UPCAST: tl.constexpr):
-    """Store an fp32 gradient block in the output dtype, rounded to nearest (under the interpreter the
-    fp32 -> bf16 cast truncates: round first, then the cast is exact)."""
-    if UPCAST:
-        if ptrs.dtype.element_ty == tl.bfloat16:
-            acc = _round_bf16(acc)
-    tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -147,29 +133,6 @@ def _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_
             acc = _dot_step(r_ptr, c_ptr, rows, cols, m_ok, n_ok, d0 + offs_d, D, s_rm, s_rd, s_cn, s_cd, acc,
                             PRECISION, UPCAST)
     return acc
-
-
-@triton.jit
-def _grad_mma(g, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_G: tl.constexpr):
-    """acc + g @ y with the fp32 gradient tile g rounded to y's dtype (fp16: with a block exponent).
-    Under the interpreter (UPCAST) g is rounded but kept in fp32 and y widened: the same products."""
-    if SCALE_G:
-        amax = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
-        usable = (amax > 0.0) & (amax < float("inf"))  # zero tile, or inf/NaN: left as it is (NaN stays NaN)
-        k = tl.where(usable, FP16_G_EXPONENT - tl.ceil(tl.log2(tl.where(usable, amax, 1.0))), 0.0)
-        k = tl.minimum(k, 120.0)  # keeps 2^k finite in fp32 for tiles of subnormal-sized entries
-        g = g * tl.exp2(k)
-    if UPCAST:
-        if y.dtype == tl.bfloat16:
-            g = _round_bf16(g)
-        else:
-            g = _round_fp16(g)
-        y = y.to(tl.float32)
-    else:
-        g = g.to(y.dtype)
-    if SCALE_G:
-        return acc + tl.dot(g, y, input_precision=PRECISION) * tl.exp2(-k)
-    return tl.dot(g, y, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -269,8 +232,8 @@ def _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS: tl.const
     both from e = exp(-|x|) as contrastive.h's siglip_positive, so neither cancels for large |x|. ACCURATE (the
     terms of the fp32 scalar gradients, which cancel; full-precision dots only: TF32/fp16/bf16 ones are coarser
     than either approximation) takes e from _exp_nonpositive and refines 1 / (1 + e) by a Newton step: `/` is
-    div.full.f32 on a GPU, up to 2 ulp, and div_rn's slow path cost 144 more bytes of spills in
-    _bwd_rows_kernel than this (ptxas sm_90a)."""
+    div.full.f32 on a GPU, up to 2 ulp, and div_rn's slow path cost 144 more bytes of spills than this in the
+    former row-side gradient kernel (ptxas sm_90a)."""
     x = dot * scale + bias
     valid = m_ok[:, None] & n_ok[None, :]
     if HAS_POS:
@@ -388,114 +351,68 @@ def _lse_combine_kernel(max_ptr, sum_ptr, bias_ptr, lse_ptr, N, T, HAS_BIAS: tl.
     tl.store(lse_ptr + offs, lse, mask=ok)
 
 
-# ---- gradient kernels ----------------------------------------------------------------------------
+# ---- gradient kernel ------------------------------------------------------------------------------
 @triton.jit
 def _optional_stats(ptr, offs, ok, shift, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
     """ptr[offs] - shift (lanes outside the block read 0 - shift; their G is masked) when the gradient
-    input is present, else zeros: the per-row and per-column CLIP inputs of the two gradient kernels."""
+    input is present, else zeros: the per-row and per-column CLIP inputs of the gradient kernel."""
     if PRESENT:
         return tl.load(ptr + offs, mask=ok, other=0.0) - shift
     return tl.zeros((BLOCK,), dtype=tl.float32)
 
 
 @triton.jit
-def _bwd_rows_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr,
-                     out_ptr, sgd_ptr, sg_ptr, loss_ptr,
-                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
-                     SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
-                     HAS_GC: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     SCALE_G: tl.constexpr):
-    """grad_rows[rows, d-block] = scale * sum_j G[rows, j] cols[j, d-block]: BLOCK_M rows against every
-    column tile, 2*BM*Bt*(D + BDO) FLOPs. The pid_d == 0 programs also write per-row sum(G * dot) and
-    sum(G) (grad_scale's and grad_bias's shares) and, for SigLIP, the per-row loss."""
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Bi
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = offs_do < D
-    scale = tl.load(scale_ptr)
-    bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
-    # Per-row CLIP inputs; lanes outside the block read 0 (their G is masked).
-    gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
-    rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
-    gp = _optional_stats(gp_ptr, offs_m, m_ok, 0.0, HAS_GP, BLOCK_M)
-    first = pid_d == 0
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    sum_gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, Bt, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Bt
-        # SigLIP's scalar sums cancel (see _dots_tile and _siglip_tile): split dots and accurate fp32 terms here,
-        # where they are summed (the column side's G only feeds grad_cols). ptxas sm_90a, fp32 64 x 64 tiles:
-        # spills 480 -> 1004 bytes with 4 warps, 0 -> 64 with 8.
-        dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, SIGLIP)
-        if SIGLIP:
-            l, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, True,
-                                PRECISION == "ieee")
-            if first:
-                loss += tl.sum(l, axis=1)
+def _store_g(ptrs, g, mask, FEATURE_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Store a G tile rounded to the features' dtype. Under the interpreter (UPCAST) the chunk buffer is fp32
+    and holds the rounded values (_round_bf16 / _round_fp16: no interpreter cast, see the top)."""
+    if UPCAST:
+        if FEATURE_DTYPE == tl.bfloat16:
+            g = _round_bf16(g)
         else:
-            gc = _optional_stats(gc_ptr, offs_n, n_ok, 0.0, HAS_GC, BLOCK_N)
-            cs = _optional_stats(clse_ptr, offs_n, n_ok, bias, HAS_GC, BLOCK_N)
-            g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
-                                gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
-        if first:
-            sum_gd += tl.sum(g * dot, axis=1)
-            sum_g += tl.sum(g, axis=1)
-        y = tl.load(c_ptr + offs_n.to(tl.int64)[:, None] * s_cn + offs_do[None, :] * s_cd,
-                    mask=n_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = _grad_mma(g, y, acc, PRECISION, UPCAST, SCALE_G)
-    rows = offs_m.to(tl.int64)
-    _store_grad(out_ptr + rows[:, None] * D + offs_do[None, :], acc * scale, m_ok[:, None] & do_ok[None, :], UPCAST)
-    tl.store(sgd_ptr + offs_m, sum_gd, mask=m_ok & first)
-    tl.store(sg_ptr + offs_m, sum_g, mask=m_ok & first)
-    if SIGLIP:
-        tl.store(loss_ptr + offs_m, loss, mask=m_ok & first)
+            g = _round_fp16(g)
+    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_cols_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr, out_ptr,
-                     Bi, Bt, D, label_offset, s_rm, s_rd, s_cn, s_cd,
-                     SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
-                     HAS_GC: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     SCALE_G: tl.constexpr):
-    """grad_cols[cols, d-block] = scale * sum_i G[i, cols] rows[i, d-block]: the mirror of _bwd_rows_kernel,
-    BLOCK_N columns against every row tile (the same G tiles, rebuilt by the same functions)."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Bt
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = offs_do < D
+def _grad_tile_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr, factor_ptr,
+                      g_ptr, stats_ptr, Bi, Bt, D, label_offset, c0, W, TILES, s_rm, s_rd, s_cn, s_cd,
+                      SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
+                      HAS_GC: tl.constexpr, HAS_GP: tl.constexpr, HAS_FACTOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (row tile, column tile of the chunk [c0, c0 + W)): G = dL/dx of its tile from the recomputed
+    dots, times the fp16 gradient factor, into g[rows, columns - c0] (the chunk buffer, row stride W), and the
+    tile's per-row sum(G * dot), sum(G) (and SigLIP's loss) into stats[k, tile, rows] (k = 0, 1, 2; TILES
+    column tiles per chunk). One GEMM of the chunk's dots; the gradient GEMMs run in cuBLAS (_gradients)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Bi
+    offs_n = c0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # absolute columns: positives and stats index them
+    n_ok = offs_n < c0 + W
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr) if HAS_BIAS else 0.0
-    gc = _optional_stats(gc_ptr, offs_n, n_ok, 0.0, HAS_GC, BLOCK_N)
-    cs = _optional_stats(clse_ptr, offs_n, n_ok, bias, HAS_GC, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    for m0 in range(0, Bi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Bi
-        dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-        if SIGLIP:
-            _, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, False, True, False)
-        else:
-            gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
-            rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
-            gp = _optional_stats(gp_ptr, offs_m, m_ok, 0.0, HAS_GP, BLOCK_M)
-            g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
-                                gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
-        x = tl.load(r_ptr + offs_m.to(tl.int64)[:, None] * s_rm + offs_do[None, :] * s_rd,
-                    mask=m_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = _grad_mma(tl.trans(g), x, acc, PRECISION, UPCAST, SCALE_G)
-    cols = offs_n.to(tl.int64)
-    _store_grad(out_ptr + cols[:, None] * D + offs_do[None, :], acc * scale, n_ok[:, None] & do_ok[None, :], UPCAST)
+    # SigLIP's scalar sums cancel (see _dots_tile and _siglip_tile): split dots and accurate fp32 terms.
+    dot = _dots_tile(r_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, D, s_rm, s_rd, s_cn, s_cd,
+                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, SIGLIP)
+    if SIGLIP:
+        loss, g = _siglip_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, HAS_POS, True, True,
+                               PRECISION == "ieee")
+        tl.store(stats_ptr + (2 * TILES + pid_n) * Bi + offs_m, tl.sum(loss, axis=1), mask=m_ok)
+    else:
+        gr = _optional_stats(gr_ptr, offs_m, m_ok, 0.0, HAS_GR, BLOCK_M)
+        rs = _optional_stats(rlse_ptr, offs_m, m_ok, bias, HAS_GR, BLOCK_M)
+        gp = _optional_stats(gp_ptr, offs_m, m_ok, 0.0, HAS_GP, BLOCK_M)
+        gc = _optional_stats(gc_ptr, offs_n, n_ok, 0.0, HAS_GC, BLOCK_N)
+        cs = _optional_stats(clse_ptr, offs_n, n_ok, bias, HAS_GC, BLOCK_N)
+        g = _clip_grad_tile(dot, scale, bias, offs_m, offs_n, m_ok, n_ok, label_offset, gr, rs, gc, cs, gp,
+                            gc_ptr, clse_ptr, Bt, HAS_GR, HAS_GC, HAS_GP, BLOCK_M, BLOCK_N)
+    tl.store(stats_ptr + pid_n * Bi + offs_m, tl.sum(g * dot, axis=1), mask=m_ok)
+    tl.store(stats_ptr + (TILES + pid_n) * Bi + offs_m, tl.sum(g, axis=1), mask=m_ok)
+    if HAS_FACTOR:
+        g = g * tl.load(factor_ptr)
+    rows = offs_m.to(tl.int64)
+    _store_g(g_ptr + rows[:, None] * W + (offs_n - c0)[None, :], g, m_ok[:, None] & n_ok[None, :],
+             r_ptr.dtype.element_ty, UPCAST)
 
 
 # ---- SigLIP loss without gradients ---------------------------------------------------------------
@@ -540,18 +457,17 @@ def _vector(name: str, t: Optional[torch.Tensor], size: int, like: torch.Tensor)
     return t.contiguous()
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages) per kernel family; BLOCK_DO is the feature
-# block of a gradient program. Under the interpreter every program and loop iteration costs tens of ms of
-# Python whatever its size, so it gets Triton's largest tile (2^20 elements; measured at B=8192 fp16:
-# 1024 x 1024 tiles 1.4x faster than 512 x 1024) and BLOCK_DO = 1024 (no recompute of the dots for
-# D <= 1024). GPU: benchmarks/_triton_sweep.py on an H200 (Triton 3.6, 2026-12-04; results/nvidia-h200/
-# 2026-12-04-1840/triton-sweep.txt): the half-precision backward (128, 64, 32, 256, 8, 3) took bf16 B=16384
-# D=768 forward+backward from 40.7 to 22.3 ms (CLIP) and 36.2 to 19.6 ms (SigLIP): BLOCK_DO 256 recomputes the
-# logits 3 times per side instead of 6. Every other GPU entry was the fastest of 5-7 candidates as it stands.
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel family ("backward": _grad_tile_kernel). Under
+# the interpreter every program and loop iteration costs tens of ms of Python whatever its size, so it gets
+# Triton's largest tile (2^20 elements; measured at B=8192 fp16: 1024 x 1024 tiles 1.4x faster than 512 x 1024).
+# GPU forward: benchmarks/_triton_sweep.py on an H200 (Triton 3.6, 2026-12-04; results/nvidia-h200/
+# 2026-12-04-1840/triton-sweep.txt), the fastest of 5-7 candidates. GPU backward: NOT measured; the forward's
+# tiles (the same single-GEMM tile loop, no accumulator across the features), 8 warps for fp32 where SigLIP's
+# split dots spilled with 4 (ptxas sm_90a, the former row kernel).
 _BLOCKS = {
-    "interpret": {"forward": (1024, 1024, 256, 0, 4, 1), "backward": (1024, 1024, 256, 1024, 4, 1)},
-    "fp32": {"forward": (64, 64, 32, 0, 4, 2), "backward": (64, 64, 32, 64, 4, 2)},
-    "half": {"forward": (128, 64, 64, 0, 4, 3), "backward": (128, 64, 32, 256, 8, 3)},
+    "interpret": {"forward": (1024, 1024, 256, 4, 1), "backward": (1024, 1024, 256, 4, 1)},
+    "fp32": {"forward": (64, 64, 32, 4, 2), "backward": (64, 64, 32, 8, 2)},
+    "half": {"forward": (128, 64, 64, 4, 3), "backward": (128, 64, 64, 4, 3)},
 }
 apply_block_overrides("contrastive_loss", _BLOCKS)
 
@@ -563,9 +479,9 @@ def _table(dtype: torch.dtype) -> str:
 
 def _blocks(kind: str, bi: int, bt: int, d: int, dtype: torch.dtype, table: Optional[str] = None):
     """_BLOCKS[table or this process's][kind] clamped to the problem (every tl.dot dimension stays >= 16)."""
-    bm, bn, bd, bdo, warps, stages = _BLOCKS[table or _table(dtype)][kind]
+    bm, bn, bd, warps, stages = _BLOCKS[table or _table(dtype)][kind]
     return (pow2_block(bi, MIN_DOT_BLOCK, bm), pow2_block(bt, MIN_DOT_BLOCK, bn), pow2_block(d, MIN_DOT_BLOCK, bd),
-            pow2_block(d, MIN_DOT_BLOCK, max(bdo, MIN_DOT_BLOCK)), warps, stages)
+            warps, stages)
 
 
 # The forward kernels split the tile grid into at most MAX_BANDS row bands x MAX_BANDS column bands, one
@@ -617,7 +533,7 @@ def _lse(maxes: torch.Tensor, sums: torch.Tensor, bias: Optional[torch.Tensor], 
 def _clip_forward(rows, cols, scale, bias, label_offset: int):
     bi, d = rows.shape
     bt = cols.shape[0]
-    (bm, bn, bd, _, warps, stages), (nb_r, nb_c), shapes = _forward_plan("clip", bi, bt, d, rows.dtype)
+    (bm, bn, bd, warps, stages), (nb_r, nb_c), shapes = _forward_plan("clip", bi, bt, d, rows.dtype)
     dev = rows.device
     row_part = torch.empty(shapes["row_partials"], device=dev, dtype=torch.float32)
     col_part = torch.empty(shapes["col_partials"], device=dev, dtype=torch.float32)
@@ -630,31 +546,87 @@ def _clip_forward(rows, cols, scale, bias, label_offset: int):
     return _lse(row_part[0], row_part[1], bias, rows), _lse(col_part[0], col_part[1], bias, rows), pos
 
 
+# The chunk buffer G[Bi, W] of _gradients stays within this many bytes (W >= one column tile): 256 MB, the CUDA
+# backend's fp32 scratch. At Bi = Bt = 65536 in bf16 that is W = 2048, 32 chunks of 2 x 206 GFLOP of cuBLAS
+# GEMMs each (NOT timed on a GPU yet).
+GRAD_CHUNK_BYTES = 1 << 28
+
+# torch.mm / addmm with out_dtype (fp16/bf16 operands, fp32 result from cuBLAS's fp32 accumulator) are CUDA-only.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(acc +) a @ b in fp32 from operands of any one float dtype, without rounding the product to it."""
+    if a.dtype != torch.float32 and a.is_cuda and _MM_OUT_DTYPE:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    a, b = a.float(), b.float()  # fp32 inputs, or the CPU (the interpreter's tests): exact widening
+    return torch.mm(a, b) if acc is None else torch.addmm(acc, a, b)
+
+
+def _fp16_gradient_factor(bound: torch.Tensor) -> torch.Tensor:
+    """2^(12 - e) for the bound < 2^e on |G| (1 for 0, inf or NaN), on the device (no host sync): the CUDA
+    backend's gradient_factor_kernel. f * G stays below 2^12 (16x under fp16's largest value) while the
+    ~1/B-sized CLIP coefficients and SigLIP's sigmoid(-10) negatives move above fp16's smallest normal 2^-14."""
+    usable = (bound > 0) & torch.isfinite(bound)
+    exponent = torch.frexp(torch.where(usable, bound, torch.ones_like(bound))).exponent
+    k = torch.where(usable, (12 - exponent).clamp(-100, 100), torch.zeros_like(exponent))
+    return torch.exp2(k.float())
+
+
 def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = False, label_offset: int = 0,
                row_lse=None, col_lse=None, grad_row=None, grad_col=None, grad_pos=None):
-    """(grad_rows, grad_cols, grad_scale, grad_bias, SigLIP's loss sum or None) from the two gradient kernels."""
+    """(grad_rows, grad_cols, grad_scale, grad_bias, SigLIP's loss sum or None): per column chunk, G from
+    _grad_tile_kernel, then grad_rows += G @ cols[chunk] and grad_cols[chunk] = G^T @ rows in cuBLAS."""
     bi, d = rows.shape
     bt = cols.shape[0]
-    bm, bn, bd, bdo, warps, stages = _blocks("backward", bi, bt, d, rows.dtype)
+    bm, bn, bd, warps, stages = _blocks("backward", bi, bt, d, rows.dtype)
     dev = rows.device
+    flags = _dtype_flags(rows)
+    # fp16 G is scaled by a power of two, undone with the scale after the GEMMs. |G| <= |grad_row| + |grad_col|
+    # + |grad_pos| for CLIP (probabilities <= 1), <= 1 for SigLIP.
+    factor = None
+    if rows.dtype == torch.float16:
+        if siglip:
+            bound = torch.ones((), device=dev)
+        else:
+            bound = sum(t.abs().max() for t in (grad_row, grad_col, grad_pos) if t is not None and t.numel())
+            bound = torch.as_tensor(bound, dtype=torch.float32, device=dev)
+        factor = _fp16_gradient_factor(bound)
+    coef = scale if factor is None else scale / factor
+    # Under the interpreter G is held in fp32 (rounded to the features' dtype in the kernel): no numpy casts.
+    g_dtype = torch.float32 if flags["UPCAST"] else rows.dtype
+    item = torch.finfo(g_dtype).bits // 8
+    width = min(bt, max(bn, GRAD_CHUNK_BYTES // (max(bi, 1) * item) // bn * bn))
+    tiles = triton.cdiv(width, bn)
+    g_buf = torch.empty(bi * width, device=dev, dtype=g_dtype)
+    stats = torch.empty(3, tiles, bi, device=dev, dtype=torch.float32)  # sum(G * dot), sum(G), loss per tile
+    sums = torch.zeros(3, device=dev, dtype=torch.float64)
+    acc_rows = torch.zeros(bi, d, device=dev, dtype=torch.float32)
+    grad_cols = torch.empty(bt, d, device=dev, dtype=rows.dtype)
     dummy = scale  # stands in for pointers a mode does not read
     ptrs = (rows, cols, scale, dummy if bias is None else bias, dummy if row_lse is None else row_lse,
             dummy if col_lse is None else col_lse, dummy if grad_row is None else grad_row,
-            dummy if grad_col is None else grad_col, dummy if grad_pos is None else grad_pos)
-    sizes = (bi, bt, d, label_offset, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1))
-    common = dict(SIGLIP=siglip, HAS_POS=has_positives, HAS_BIAS=bias is not None, HAS_GR=grad_row is not None,
-                  HAS_GC=grad_col is not None, HAS_GP=grad_pos is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                  BLOCK_DO=bdo, SCALE_G=rows.dtype == torch.float16, num_warps=warps, num_stages=stages,
-                  **_dtype_flags(rows))
-    grad_rows = torch.empty(bi, d, device=dev, dtype=rows.dtype)
-    grad_cols = torch.empty(bt, d, device=dev, dtype=rows.dtype)
-    row_stats = torch.empty(3, bi, device=dev, dtype=torch.float32)  # sum(G * dot), sum(G), loss per row
-    _bwd_rows_kernel[(triton.cdiv(bi, bm), triton.cdiv(d, bdo))](*ptrs, grad_rows, row_stats[0], row_stats[1],
-                                                                 row_stats[2], *sizes, **common)
-    _bwd_cols_kernel[(triton.cdiv(bt, bn), triton.cdiv(d, bdo))](*ptrs, grad_cols, *sizes, **common)
-    # The per-row partials add up in fp64 (a fixed-order torch reduction, deterministic): their fp32 sum moved
-    # SigLIP's bias gradient by 2e-6 of its value at B=128, scale 100 (interpreter), where it cancels 640-fold.
-    sums = row_stats.double().sum(1)
+            dummy if grad_col is None else grad_col, dummy if grad_pos is None else grad_pos,
+            dummy if factor is None else factor)
+    for c0 in range(0, bt, max(width, 1)):
+        w = min(width, bt - c0)
+        g = g_buf[:bi * w].view(bi, w)
+        grid = (triton.cdiv(bi, bm), triton.cdiv(w, bn))
+        _grad_tile_kernel[grid](
+            *ptrs, g, stats, bi, bt, d, label_offset, c0, w, tiles, rows.stride(0), rows.stride(1), cols.stride(0),
+            cols.stride(1), SIGLIP=siglip, HAS_POS=has_positives, HAS_BIAS=bias is not None,
+            HAS_GR=grad_row is not None, HAS_GC=grad_col is not None, HAS_GP=grad_pos is not None,
+            HAS_FACTOR=factor is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+            **flags)
+        # The per-(row, tile) partials add up in fp64 (fixed-order torch reductions, deterministic): an fp32 sum
+        # moved SigLIP's bias gradient by 2e-6 of its value at B=128, scale 100 (interpreter), where it cancels
+        # 640-fold.
+        sums += stats[:, :grid[1]].double().sum((1, 2))
+        acc_rows = _mm_fp32(g, cols[c0:c0 + w], acc_rows)
+        grad_cols[c0:c0 + w] = (_mm_fp32(g.t(), rows) * coef).to(rows.dtype)
+    grad_rows = (acc_rows * coef).to(rows.dtype)
     return grad_rows, grad_cols, sums[0].float(), sums[1].float(), sums[2].float() if siglip else None
 
 
@@ -715,7 +687,7 @@ def siglip_loss_block_triton(rows: torch.Tensor, cols: torch.Tensor, logit_scale
         if compute_grad:
             gr, gc, gs, gb, loss_sum = _gradients(rows, cols, scale, bias, siglip=True, has_positives=has_positives)
             return loss_sum, gr, gc, gs, gb
-        (bm, bn, bd, _, warps, stages), (nb_r, nb_c), shapes = _forward_plan("siglip", bi, bt, d, rows.dtype)
+        (bm, bn, bd, warps, stages), (nb_r, nb_c), shapes = _forward_plan("siglip", bi, bt, d, rows.dtype)
         part = torch.empty(shapes["row_loss_partials"], device=rows.device, dtype=torch.float32)
         _siglip_loss_kernel[(nb_r * nb_c,)](
             rows, cols, scale, scale if bias is None else bias, part, bi, bt, d, nb_r, nb_c, rows.stride(0),
