@@ -273,9 +273,9 @@ def test_cross_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
 
 
 def test_contrastive_loss_fused_kernels_compile_for_sm90a_without_spills(tmp_path):
-    """csrc/cuda/contrastive_loss.cu for sm_90a: the fused tensor-core CLIP forward for fp16 and bf16 keeps its
-    logit tile and row statistics in registers. ~15 s."""
+    """csrc/cuda/contrastive_loss.cu for sm_90a: the fused tensor-core tiles (CLIP forward and backward, SigLIP)
+    for fp16 and bf16 keep their logit tile and row sums in registers. ~15 s."""
     kernels = ptxas_report(ROOT / "csrc" / "cuda" / "contrastive_loss.cu", tmp_path)
-    for dtype in ("6__half", "13__nv_bfloat16"):
-        assert_compiled_without_spills(kernels, rf"\d+clip_forward_fused_kernelI{dtype}E",
-                                       f"clip_forward_fused_kernel<{dtype.lstrip('0123456789')}>")
+    for name in ("clip_forward_fused_kernel", "clip_backward_fused_kernel", "siglip_fused_kernel"):
+        for dtype in ("6__half", "13__nv_bfloat16"):
+            assert_compiled_without_spills(kernels, rf"\d+{name}I{dtype}E", f"{name}<{dtype.lstrip('0123456789')}>")

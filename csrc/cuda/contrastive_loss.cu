@@ -17,10 +17,12 @@
 //   SigLIP         the same 3 GEMMs; siglip_tile writes the loss partials and dX = sigmoid(x) - [pos]
 //                  in one pass (no row statistics needed), or only the loss when no gradient is wanted.
 //   Scalars        sum_rows: one block sums the per-row fp64 partials in a fixed order.
-//   CLIP forward, fused (fp16/bf16 on sm_80+, opt-in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has
-//                  validated and timed it): clip_forward_fused computes the chunk's dots on the tensor cores
-//                  and merges them into the row states and per-stripe column partials on chip, in place of
-//                  the GEMM and both passes above: no fp32 [Bi, W] scratch (section "fused" below).
+//   Fused (fp16/bf16 on sm_80+, opt-in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has validated and
+//                  timed them): clip_forward_fused, clip_backward_fused and siglip_fused compute the chunk's
+//                  dots on the tensor cores (mma.m16n8k16, 64-row stripes x 64-column tiles) and run the
+//                  epilogues above on them in registers, in place of the first GEMM and its fp32 [Bi, W]
+//                  scratch: 1 of 1 GEMMs fused in the forward, 1 of 3 in the backward (the gradient GEMMs
+//                  stay in cuBLAS: a [Bi, D] accumulator of D = 768 does not fit one stripe's registers).
 //
 // Memory: W = min(Bt, 4096), halved while Bi * W > 2^26, so the fp32 scratch stays <= 256 MB and the
 // extra memory is O(Bi * W + (Bi + Bt) * D), never Bi x Bt. At Bi = Bt = 65536, D = 768, bf16: W = 1024;
@@ -198,6 +200,26 @@ constexpr int kFusedRows = static_cast<int>(kFusedStripeRows), kFusedCols = 64, 
 static_assert(kFusedRows == kFusedThreads / 32 * 16, "4 warps of 16 rows make a stripe");
 constexpr int kFusedPitch = kFusedK + 8;  // ldmatrix rows in 8 different bank groups
 
+// x = the warp's 16 rows of the stripe [r0, r0 + 64) times the chunk's columns [j0, j0 + 64), as mma C
+// fragments (0 for rows >= n_rows and columns >= width): the features in 64-wide slices through shared memory.
+// Whole block; the first barrier also orders the previous tile's readers of the shared tiles.
+template <typename T>
+__device__ __forceinline__ void stripe_dots(float (&x)[kFusedCols / 8][4], T* row_tile, T* col_tile, const T* rows,
+                                            const T* cols, int64_t n_rows, int64_t d, int64_t width, int64_t r0,
+                                            int64_t j0, int warp, int lane) {
+#pragma unroll
+  for (int j = 0; j < kFusedCols / 8; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.f;
+  for (int64_t k0 = 0; k0 < d; k0 += kFusedK) {
+    const int slice = static_cast<int>(min(d - k0, static_cast<int64_t>(kFusedK)));
+    __syncthreads();  // the previous slice's (and column merge's) readers are done
+    load_rows_tile<kFusedRows, kFusedK, kFusedThreads>(row_tile, kFusedPitch, rows + k0, d, r0, n_rows - r0, slice);
+    load_rows_tile<kFusedCols, kFusedK, kFusedThreads>(col_tile, kFusedPitch, cols + k0, d, j0, width - j0, slice);
+    __syncthreads();
+    warp_mma_abt<T, kFusedCols, kFusedK>(x, row_tile + warp * 16 * kFusedPitch, kFusedPitch, col_tile, kFusedPitch,
+                                         lane);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kFusedThreads)
     clip_forward_fused_kernel(const T* __restrict__ rows, const T* __restrict__ cols, int64_t n_rows, int64_t d,
@@ -215,18 +237,8 @@ __global__ void __launch_bounds__(kFusedThreads)
   SoftmaxState row_state[2] = {empty_softmax_state(), empty_softmax_state()};  // rows g, g + 8 of the warp
 
   for (int64_t j0 = 0; j0 < width; j0 += kFusedCols) {
-    float x[kFusedCols / 8][4] = {};
-    for (int64_t k0 = 0; k0 < d; k0 += kFusedK) {
-      const int slice = static_cast<int>(min(d - k0, static_cast<int64_t>(kFusedK)));
-      __syncthreads();  // the previous slice's (and column merge's) readers are done
-      load_rows_tile<kFusedRows, kFusedK, kFusedThreads>(row_tile, kFusedPitch, rows + k0, d, r0, n_rows - r0,
-                                                        slice);
-      load_rows_tile<kFusedCols, kFusedK, kFusedThreads>(col_tile, kFusedPitch, cols + k0, d, j0, width - j0,
-                                                        slice);
-      __syncthreads();
-      warp_mma_abt<T, kFusedCols, kFusedK>(x, row_tile + warp * 16 * kFusedPitch, kFusedPitch, col_tile, kFusedPitch,
-                                           lane);
-    }
+    float x[kFusedCols / 8][4];
+    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0, warp, lane);
     // x = scale * dot; padding rows and columns become -inf, which every state below skips.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -346,6 +358,14 @@ __device__ __forceinline__ float clip_positive_grad(float x, float gr, float row
   return g;
 }
 
+// A non-positive pair's CLIP gradient: gr P_row + gc P_col, P = exp(x - shift) (shift = lse - bias).
+__device__ __forceinline__ float clip_grad(float x, bool has_gr, float gr, float row_shift, bool has_gc, float gc,
+                                           float col_shift) {
+  float g = has_gr ? gr * fast_exp(x - row_shift) : 0.f;
+  if (has_gc) g = fmaf(gc, fast_exp(x - col_shift), g);
+  return g;
+}
+
 // One warp per row of the chunk. U = 2: each 4-wide fragment also loads grad_col and col_lse per column.
 template <typename T>
 __global__ void __launch_bounds__(kRowWarps * 32)
@@ -394,8 +414,8 @@ __global__ void __launch_bounds__(kRowWarps * 32)
           if (c == jp) {
             g = g_pos;
           } else {
-            g = grad_row != nullptr ? gr * fast_exp(x - rs) : 0.f;
-            if (gc != nullptr) g = fmaf(gc[c], fast_exp(x - (cl[c] - bias)), g);
+            g = clip_grad(x, grad_row != nullptr, gr, rs, gc != nullptr, gc != nullptr ? gc[c] : 0.f,
+                          gc != nullptr ? cl[c] - bias : 0.f);
           }
           part_gd = fmaf(g, dot, part_gd);
           part_g += g;
@@ -440,7 +460,18 @@ __device__ __forceinline__ float exp_nonpositive(float y) {
 
 // SigLIP: a negative pair costs softplus(x) with gradient sigmoid(x), both from e = exp(-|x|); the
 // positive (column == row, has_positives) costs softplus(-x) with gradient -sigmoid(-x)
-// (contrastive::siglip_positive). dx null: the loss only.
+// (contrastive::siglip_positive).
+__device__ __forceinline__ float siglip_pair_loss(float x, float e, bool positive) {
+  return fmaxf(positive ? -x : x, 0.f) + log1pf(e);
+}
+
+__device__ __forceinline__ float siglip_pair_grad(float x, float e, bool positive) {
+  const float q = __frcp_rn(1.f + e);  // sigmoid(|x|)
+  if (positive) return x >= 0.f ? -e * q : -q;
+  return x >= 0.f ? q : e * q;
+}
+
+// dx null: the loss only.
 template <typename T>
 __global__ void __launch_bounds__(kRowWarps * 32)
     siglip_tile_kernel(const float* __restrict__ dots, int64_t rows, int64_t width, int64_t c0,
@@ -472,15 +503,9 @@ __global__ void __launch_bounds__(kRowWarps * 32)
           // reference in that precision, keep MUFU.EX2.
           const float e = std::is_same_v<T, float> ? exp_nonpositive(-fabsf(x)) : fast_exp(-fabsf(x));
           const bool positive = c == jp;
-          part_loss += fmaxf(positive ? -x : x, 0.f) + log1pf(e);
+          part_loss += siglip_pair_loss(x, e, positive);
           if (out != nullptr) {
-            const float q = __frcp_rn(1.f + e);  // sigmoid(|x|)
-            float g;
-            if (positive) {
-              g = x >= 0.f ? -e * q : -q;
-            } else {
-              g = x >= 0.f ? q : e * q;
-            }
+            const float g = siglip_pair_grad(x, e, positive);
             part_gd = fmaf(g, dot, part_gd);
             part_g += g;
             o[i] = g * f;
@@ -502,6 +527,158 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     row_gdot[r] = first ? sum_gd : row_gdot[r] + sum_gd;
     row_g[r] = first ? sum_g : row_g[r] + sum_g;
   }
+}
+
+// ---- fused on the tensor cores (fp16/bf16, sm_80+): the backward's tiles --------------------------------
+// clip_backward_tile / siglip_tile with the chunk's dots made by stripe_dots (as clip_forward_fused_kernel:
+// 64-row stripes x 64-column tiles) instead of read from cuBLAS's fp32 scratch. A lane's elements are rows
+// g, g + 8 of its warp's 16 and columns 8j + 2t, 8j + 2t + 1 of the tile; dX goes out as one 4-byte pair where
+// aligned. Per-row sums: fp32 over a tile's 16 elements of the lane, fp64 across tiles, then the row's 4 lanes
+// in a fixed order (xor 1, then 2); the chunk's sum is added to the row's running one as the row kernels do.
+template <typename T>
+__device__ __forceinline__ void store_dx_pair(T* dx, int64_t width, int64_t r, int64_t c, float o0, float o1) {
+  T* to = dx + r * width + c;
+  if (c + 1 < width && reinterpret_cast<uintptr_t>(to) % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(to) = pack_pair<T>(o0, o1);
+  } else {
+    to[0] = from_float<T>(o0);
+    if (c + 1 < width) to[1] = from_float<T>(o1);
+  }
+}
+
+// The row's 4 lanes (t = 0..3 of one g) in a fixed order; every lane gets the sum.
+__device__ __forceinline__ double quad_sum_f64(double v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The sweep's sums of rows row0 and row0 + 8 (the t == 0 lane writes) added to the rows' running sums (set when
+// first); null outputs are skipped.
+__device__ __forceinline__ void add_row_sums(const double (&sums)[3][2], int64_t row0, int64_t n_rows, bool first,
+                                             double* row_loss, double* row_gdot, double* row_g) {
+  if (threadIdx.x % 4 != 0) return;
+  double* out[3] = {row_loss, row_gdot, row_g};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = row0 + 8 * half;
+    if (r >= n_rows) continue;
+    for (int k = 0; k < 3; ++k) {
+      if (out[k] != nullptr) out[k][r] = first ? sums[k][half] : out[k][r] + sums[k][half];
+    }
+  }
+}
+
+// The sweep both fused backward kernels share: for each element (r, c) of the block's stripe and the chunk,
+// v = element(half, c, dot, loss) is dL/dx (and adds the pair's loss to loss where the op has one); dX = f * v
+// goes out when dx is given. Then sums[k][half] (k: loss, sum v * dot, sum v) of row r0 + 16 warp + g + 8 half
+// are the row's over the chunk, in every lane of the row.
+template <typename T, typename Element>
+__device__ __forceinline__ void fused_gradient_sweep(T* row_tile, T* col_tile, const T* rows, const T* cols,
+                                                     int64_t n_rows, int64_t d, int64_t width, float f, T* dx,
+                                                     Element&& element, double (&sums)[3][2]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFusedRows;
+  for (int k = 0; k < 3; ++k) sums[k][0] = sums[k][1] = 0.0;
+  for (int64_t j0 = 0; j0 < width; j0 += kFusedCols) {
+    float x[kFusedCols / 8][4];
+    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0, warp, lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t r = r0 + warp * 16 + g + 8 * half;
+      float part[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < kFusedCols / 8; ++j) {
+        const int64_t c = j0 + 8 * j + 2 * t;
+        float o[2] = {0.f, 0.f};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (r >= n_rows || c + e >= width) continue;
+          const float dot = x[j][2 * half + e];
+          const float v = element(half, c + e, dot, part[0]);
+          part[1] = fmaf(v, dot, part[1]);
+          part[2] += v;
+          o[e] = v * f;
+        }
+        if (dx != nullptr && r < n_rows && c < width) store_dx_pair(dx, width, r, c, o[0], o[1]);
+      }
+      for (int k = 0; k < 3; ++k) sums[k][half] += part[k];
+    }
+  }
+  for (int k = 0; k < 3; ++k) {
+    sums[k][0] = quad_sum_f64(sums[k][0]);
+    sums[k][1] = quad_sum_f64(sums[k][1]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads)
+    clip_backward_fused_kernel(const T* __restrict__ rows, const T* __restrict__ cols, int64_t n_rows, int64_t d,
+                               int64_t width, int64_t c0, const float* __restrict__ scale_p,
+                               const float* __restrict__ bias_p, int64_t label_offset, const float* __restrict__ row_lse,
+                               const float* __restrict__ col_lse, const float* __restrict__ grad_row,
+                               const float* __restrict__ grad_col, const float* __restrict__ grad_pos,
+                               const float* __restrict__ factor_p, T* __restrict__ dx, double* __restrict__ row_gdot,
+                               double* __restrict__ row_g, bool first) {
+  __shared__ __align__(16) T row_tile[kFusedRows * kFusedPitch];
+  __shared__ __align__(16) T col_tile[kFusedCols * kFusedPitch];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFusedRows + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  const float* gc = grad_col != nullptr ? grad_col + c0 : nullptr;
+  const float* cl = col_lse + c0;
+  float gr[2], rs[2], gp[2];
+  int64_t jp[2];  // the positive's column in the chunk (only with grad_pos, as the row kernel)
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = row0 + 8 * half;
+    const bool ok = r < n_rows;
+    gr[half] = grad_row != nullptr && ok ? grad_row[r] : 0.f;
+    rs[half] = grad_row != nullptr && ok ? row_lse[r] - bias : 0.f;
+    gp[half] = grad_pos != nullptr && ok ? grad_pos[r] : 0.f;
+    jp[half] = grad_pos != nullptr ? r + label_offset - c0 : -1;
+  }
+  double sums[3][2];
+  fused_gradient_sweep(
+      row_tile, col_tile, rows, cols, n_rows, d, width, factor_p != nullptr ? *factor_p : 1.f, dx,
+      [&](int half, int64_t c, float dot, float&) {
+        const float xs = __fmul_rn(scale, dot);
+        const float gcj = gc != nullptr ? gc[c] : 0.f, csj = gc != nullptr ? cl[c] - bias : 0.f;
+        if (c == jp[half]) {  // one lane of one tile per row: expm1f stays off the common path
+          return clip_positive_grad(xs, gr[half], rs[half], gcj, csj, gp[half]);
+        }
+        return clip_grad(xs, grad_row != nullptr, gr[half], rs[half], gc != nullptr, gcj, csj);
+      },
+      sums);
+  add_row_sums(sums, row0, n_rows, first, nullptr, row_gdot, row_g);
+}
+
+// dx null: the loss only (row_gdot and row_g unused).
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads)
+    siglip_fused_kernel(const T* __restrict__ rows, const T* __restrict__ cols, int64_t n_rows, int64_t d,
+                        int64_t width, int64_t c0, const float* __restrict__ scale_p, const float* __restrict__ bias_p,
+                        bool has_positives, const float* __restrict__ factor_p, T* __restrict__ dx,
+                        double* __restrict__ row_loss, double* __restrict__ row_gdot, double* __restrict__ row_g,
+                        bool first) {
+  __shared__ __align__(16) T row_tile[kFusedRows * kFusedPitch];
+  __shared__ __align__(16) T col_tile[kFusedCols * kFusedPitch];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFusedRows + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+  const int64_t jp[2] = {has_positives ? row0 - c0 : -1, has_positives ? row0 + 8 - c0 : -1};
+  double sums[3][2];
+  fused_gradient_sweep(
+      row_tile, col_tile, rows, cols, n_rows, d, width, factor_p != nullptr ? *factor_p : 1.f, dx,
+      [&](int half, int64_t c, float dot, float& loss) {
+        const float xs = fmaf(dot, scale, bias);
+        const float e = fast_exp(-fabsf(xs));  // fp16/bf16 features: MUFU.EX2, as siglip_tile_kernel
+        const bool positive = c == jp[half];
+        loss += siglip_pair_loss(xs, e, positive);
+        return dx != nullptr ? siglip_pair_grad(xs, e, positive) : 0.f;
+      },
+      sums);
+  add_row_sums(sums, row0, n_rows, first, row_loss, dx != nullptr ? row_gdot : nullptr,
+               dx != nullptr ? row_g : nullptr);
 }
 
 // Grid-stride, one element per step (src fp32 and dst T advance at different byte rates; the pass
@@ -578,7 +755,20 @@ cudaError_t clip_forward_cols(const float* dots, int64_t rows, int64_t width, co
   return cudaGetLastError();
 }
 
-bool clip_forward_fused_supported(DType dtype) {
+// launch(T{}) for fp16/bf16 and its launch error; fp32 stays on cuBLAS (exact, no TF32): invalid here.
+template <typename Launch>
+cudaError_t launch_fused(DType dtype, Launch&& launch) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      launch(tag);
+      return cudaGetLastError();
+    }
+  });
+}
+
+bool fused_tiles_supported(DType dtype) {
   return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
 }
 
@@ -590,21 +780,43 @@ cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, 
   const int64_t stripes = clip_fused_stripes(n_rows);
   float* part_max = partial;
   float* part_sum = partial + stripes * width;
-  const cudaError_t e = dispatch_dtype(dtype, [&](auto tag) {
+  const cudaError_t e = launch_fused(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;  // fp32 stays on cuBLAS (exact; no TF32)
-    } else {
-      MMFAST_LAUNCH(clip_forward_fused_kernel<T>, grid(stripes), kFusedThreads, 0, stream, static_cast<const T*>(rows),
-                    static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias, label_offset, first, last,
-                    row_max, row_sum, row_lse, pos_logits, part_max, part_sum);
-      return cudaGetLastError();
-    }
+    MMFAST_LAUNCH(clip_forward_fused_kernel<T>, grid(stripes), kFusedThreads, 0, stream, static_cast<const T*>(rows),
+                  static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias, label_offset, first, last,
+                  row_max, row_sum, row_lse, pos_logits, part_max, part_sum);
   });
   if (e != cudaSuccess) return e;
   MMFAST_LAUNCH(clip_col_finish_kernel, grid((width + 255) / 256), 256, 0, stream, part_max, part_sum, stripes, width,
                 bias, col_lse);
   return cudaGetLastError();
+}
+
+cudaError_t clip_backward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
+                                int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
+                                const float* row_lse, const float* col_lse, const float* grad_row,
+                                const float* grad_col, const float* grad_pos, const float* factor, void* dx,
+                                double* row_gdot, double* row_g, bool first, cudaStream_t stream) {
+  if (n_rows == 0 || width == 0) return cudaSuccess;
+  return launch_fused(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    MMFAST_LAUNCH(clip_backward_fused_kernel<T>, grid(clip_fused_stripes(n_rows)), kFusedThreads, 0, stream,
+                  static_cast<const T*>(rows), static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias,
+                  label_offset, row_lse, col_lse, grad_row, grad_col, grad_pos, factor, static_cast<T*>(dx), row_gdot,
+                  row_g, first);
+  });
+}
+
+cudaError_t siglip_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d, int64_t width,
+                         int64_t c0, const float* scale, const float* bias, bool has_positives, const float* factor,
+                         void* dx, double* row_loss, double* row_gdot, double* row_g, bool first, cudaStream_t stream) {
+  if (n_rows == 0 || width == 0) return cudaSuccess;
+  return launch_fused(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    MMFAST_LAUNCH(siglip_fused_kernel<T>, grid(clip_fused_stripes(n_rows)), kFusedThreads, 0, stream,
+                  static_cast<const T*>(rows), static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias,
+                  has_positives, factor, static_cast<T*>(dx), row_loss, row_gdot, row_g, first);
+  });
 }
 
 cudaError_t gradient_factor(const float* a, int64_t na, const float* b, int64_t nb, const float* c, int64_t nc,

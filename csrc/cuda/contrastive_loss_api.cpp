@@ -105,6 +105,12 @@ struct Block {
   const float* bias_ptr() const { return fptr(bias); }
 };
 
+// fp16/bf16 on sm_80+, opted in: each chunk's dots come from the fused tensor-core kernels (on chip), not cuBLAS
+// into the fp32 scratch.
+bool fused_tiles(const Block& b) {
+  return cuda_glue::tensor_cores_opted_in() && kc::fused_tiles_supported(kernel_dtype(b.rows));
+}
+
 // The two gradient GEMMs per chunk and the final scaling: grad_rows = scale / f * sum_chunks dX @
 // cols_chunk, grad_cols[chunk] = scale / f * dX^T @ rows, in the input dtype. dX (the input dtype) holds
 // f * dL/dx; f (gradient_factor) is 1 except for fp16.
@@ -183,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor> clip_loss_block_cuda(const Tensor& rows, cons
   Tensor row_max = chunked ? at::empty({b.bi}, f32) : Tensor();
   Tensor row_sum = chunked ? at::empty({b.bi}, f32) : Tensor();
   // fp16/bf16 on sm_80+: the chunk's GEMM and both passes in one tensor-core kernel (no fp32 dots).
-  const bool fused = cuda_glue::tensor_cores_opted_in() && kc::clip_forward_fused_supported(kernel_dtype(b.rows));
+  const bool fused = fused_tiles(b);
   Tensor partial =
       at::empty({2 * (fused ? kc::clip_fused_stripes(b.bi) : kc::clip_col_slices(b.bi)) * b.width}, f32);
   for (int64_t c0 = 0; c0 < b.bt; c0 += b.width) {
@@ -227,13 +233,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> clip_loss_block_backward_cuda(
   }
   const auto f64 = rows.options().dtype(at::kDouble);
   Tensor row_gdot = at::empty({b.bi}, f64), row_g = at::empty({b.bi}, f64);
+  const bool fused = fused_tiles(b);
   for (int64_t c0 = 0; c0 < b.bt; c0 += b.width) {
     const int64_t w = std::min(b.width, b.bt - c0);
-    const Tensor dots = b.dots(c0, w);
-    C10_CUDA_CHECK(kc::clip_backward_tile(kernel_dtype(b.rows), fptr(dots), b.bi, w, c0, b.scale_ptr(), b.bias_ptr(),
-                                          label_offset, fptr(rl), fptr(cl), fptr(gr), fptr(gc), fptr(gp),
-                                          gemms.factor_ptr(), gemms.dx(w).data_ptr(), dptr(row_gdot), dptr(row_g),
-                                          c0 == 0, stream));
+    if (fused) {
+      C10_CUDA_CHECK(kc::clip_backward_fused(kernel_dtype(b.rows), b.rows.data_ptr(), b.cols.data_ptr(), b.bi, b.d, w,
+                                             c0, b.scale_ptr(), b.bias_ptr(), label_offset, fptr(rl), fptr(cl),
+                                             fptr(gr), fptr(gc), fptr(gp), gemms.factor_ptr(), gemms.dx(w).data_ptr(),
+                                             dptr(row_gdot), dptr(row_g), c0 == 0, stream));
+    } else {
+      const Tensor dots = b.dots(c0, w);
+      C10_CUDA_CHECK(kc::clip_backward_tile(kernel_dtype(b.rows), fptr(dots), b.bi, w, c0, b.scale_ptr(),
+                                            b.bias_ptr(), label_offset, fptr(rl), fptr(cl), fptr(gr), fptr(gc),
+                                            fptr(gp), gemms.factor_ptr(), gemms.dx(w).data_ptr(), dptr(row_gdot),
+                                            dptr(row_g), c0 == 0, stream));
+    }
     gemms.add_chunk(c0, w);
   }
   auto [grad_rows, grad_cols] = gemms.finish();
@@ -264,13 +278,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_loss_block_cuda(const 
     row_gdot = at::empty({b.bi}, f64);
     row_g = at::empty({b.bi}, f64);
   }
+  const bool fused = fused_tiles(b);
   for (int64_t c0 = 0; c0 < b.bt; c0 += b.width) {
     const int64_t w = std::min(b.width, b.bt - c0);
-    const Tensor dots = b.dots(c0, w);
-    C10_CUDA_CHECK(kc::siglip_tile(kernel_dtype(b.rows), fptr(dots), b.bi, w, c0, b.scale_ptr(), b.bias_ptr(),
-                                   has_positives, gemms ? gemms->factor_ptr() : nullptr,
-                                   gemms ? gemms->dx(w).data_ptr() : nullptr, dptr(row_loss), dptr(row_gdot),
-                                   dptr(row_g), c0 == 0, stream));
+    const float* factor = gemms ? gemms->factor_ptr() : nullptr;
+    void* dx = gemms ? gemms->dx(w).data_ptr() : nullptr;
+    if (fused) {
+      C10_CUDA_CHECK(kc::siglip_fused(kernel_dtype(b.rows), b.rows.data_ptr(), b.cols.data_ptr(), b.bi, b.d, w, c0,
+                                      b.scale_ptr(), b.bias_ptr(), has_positives, factor, dx, dptr(row_loss),
+                                      dptr(row_gdot), dptr(row_g), c0 == 0, stream));
+    } else {
+      const Tensor dots = b.dots(c0, w);
+      C10_CUDA_CHECK(kc::siglip_tile(kernel_dtype(b.rows), fptr(dots), b.bi, w, c0, b.scale_ptr(), b.bias_ptr(),
+                                     has_positives, factor, dx, dptr(row_loss), dptr(row_gdot), dptr(row_g), c0 == 0,
+                                     stream));
+    }
     if (gemms) gemms->add_chunk(c0, w);
   }
   Tensor loss_sum = at::empty({}, f32);

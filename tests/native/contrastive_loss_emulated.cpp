@@ -183,6 +183,13 @@ struct Block {
   }
 };
 
+// The features in 16-byte aligned storage, as the glue passes them to the fused kernels.
+template <typename T>
+struct AlignedFeatures {
+  Vec<T> rows, cols;
+  explicit AlignedFeatures(const Block<T>& b) : rows(b.rows.begin(), b.rows.end()), cols(b.cols.begin(), b.cols.end()) {}
+};
+
 // ---- CLIP forward -------------------------------------------------------------------------------------
 struct Forward {
   Vec<float> row_lse, col_lse, pos_logits;
@@ -199,11 +206,12 @@ Forward clip_forward(const Block<T>& b, bool fused = false) {
   Vec<float> row_max = poisoned<float>(state), row_sum = poisoned<float>(state);
   if (fused) {
     Vec<float> partial = poisoned<float>(2 * kc::clip_fused_stripes(s.bi) * s.width);
-    Vec<T> rows(b.rows.begin(), b.rows.end()), cols(b.cols.begin(), b.cols.end());  // 16-byte aligned, as the glue's
-    expect(kc::clip_forward_fused_supported(dtype_of<T>()), b.tag + " fused forward supported");
+    const AlignedFeatures<T> features(b);
+    expect(kc::fused_tiles_supported(dtype_of<T>()), b.tag + " fused forward supported");
     for (int64_t c0 = 0; c0 < s.bt; c0 += s.width) {
       const int64_t w = std::min(s.width, s.bt - c0);
-      launched(kc::clip_forward_fused(dtype_of<T>(), rows.data(), cols.data(), s.bi, s.d, w, c0, b.scale(), b.bias(),
+      launched(kc::clip_forward_fused(dtype_of<T>(), features.rows.data(), features.cols.data(), s.bi, s.d, w, c0,
+                                      b.scale(), b.bias(),
                                       s.label_offset, c0 == 0, c0 + w == s.bt, data_or_null(row_max),
                                       data_or_null(row_sum), out.row_lse.data(), out.pos_logits.data(),
                                       partial.data(), out.col_lse.data() + c0, nullptr));
@@ -347,9 +355,11 @@ void check_gradients(const Block<T>& b, const std::vector<double>& G, const Grad
 }
 
 // ---- CLIP backward: each upstream gradient may be absent (null) --------------------------------------------
+// fused: the chunk tiles from clip_backward_fused (its own tensor-core dots) instead of clip_backward_tile.
 template <typename T>
 void clip_backward(const Block<T>& b, const Forward& f, const std::vector<float>* grad_row,
-                   const std::vector<float>* grad_col, const std::vector<float>* grad_pos, const std::string& what) {
+                   const std::vector<float>* grad_col, const std::vector<float>* grad_pos, const std::string& what,
+                   bool fused = false) {
   const Shape& s = b.s;
   const float* gr = grad_row ? grad_row->data() : nullptr;
   const float* gc = grad_col ? grad_col->data() : nullptr;
@@ -358,7 +368,14 @@ void clip_backward(const Block<T>& b, const Forward& f, const std::vector<float>
   Vec<float> factor = gradient_factor<T>(gr, s.bi, gc, s.bt, gp, s.bi, 0.f);
   Vec<double> row_gdot = poisoned<double>(s.bi), row_g = poisoned<double>(s.bi);
   Gradients g;
+  const AlignedFeatures<T> features(b);
   feature_gradients(b, factor, g, [&](int64_t c0, int64_t w, const float* dots, T* dx) {
+    if (fused) {
+      launched(kc::clip_backward_fused(dtype_of<T>(), features.rows.data(), features.cols.data(), s.bi, s.d, w, c0,
+                                       b.scale(), b.bias(), s.label_offset, f.row_lse.data(), f.col_lse.data(), gr, gc,
+                                       gp, data_or_null(factor), dx, row_gdot.data(), row_g.data(), c0 == 0, nullptr));
+      return;
+    }
     launched(kc::clip_backward_tile(dtype_of<T>(), dots, s.bi, w, c0, b.scale(), b.bias(), s.label_offset,
                                     f.row_lse.data(), f.col_lse.data(), gr, gc, gp, data_or_null(factor), dx,
                                     row_gdot.data(), row_g.data(), c0 == 0, nullptr));
@@ -379,15 +396,22 @@ void clip_backward(const Block<T>& b, const Forward& f, const std::vector<float>
       if (gp && j == i + s.label_offset) v += gp[i];
       G[i * s.bt + j] = v;
     }
-  check_gradients(b, G, g, "clip " + what);
+  check_gradients(b, G, g, "clip " + what + (fused ? " fused" : ""));
 }
 
 // ---- SigLIP: loss (and gradients when compute_grad) ----------------------------------------------------------
+// fused: the chunk tiles from siglip_fused (its own tensor-core dots) instead of siglip_tile.
 template <typename T>
-Gradients siglip(const Block<T>& b, bool has_positives, bool compute_grad) {
+Gradients siglip(const Block<T>& b, bool has_positives, bool compute_grad, bool fused = false) {
   const Shape& s = b.s;
   const std::string what = std::string("siglip ") + (has_positives ? "positives" : "negatives only") +
-                           (compute_grad ? "" : " loss only");
+                           (compute_grad ? "" : " loss only") + (fused ? " fused" : "");
+  const AlignedFeatures<T> features(b);
+  auto fused_tile = [&](int64_t c0, int64_t w, const float* factor, T* dx, double* row_loss, double* row_gdot,
+                        double* row_g) {
+    launched(kc::siglip_fused(dtype_of<T>(), features.rows.data(), features.cols.data(), s.bi, s.d, w, c0, b.scale(),
+                              b.bias(), has_positives, factor, dx, row_loss, row_gdot, row_g, c0 == 0, nullptr));
+  };
   Vec<double> row_loss = poisoned<double>(s.bi), row_gdot, row_g;
   Gradients g;
   if (compute_grad) {
@@ -395,12 +419,14 @@ Gradients siglip(const Block<T>& b, bool has_positives, bool compute_grad) {
     row_gdot = poisoned<double>(s.bi);
     row_g = poisoned<double>(s.bi);
     feature_gradients(b, factor, g, [&](int64_t c0, int64_t w, const float* dots, T* dx) {
+      if (fused) return fused_tile(c0, w, data_or_null(factor), dx, row_loss.data(), row_gdot.data(), row_g.data());
       launched(kc::siglip_tile(dtype_of<T>(), dots, s.bi, w, c0, b.scale(), b.bias(), has_positives,
                                data_or_null(factor), dx, row_loss.data(), row_gdot.data(), row_g.data(), c0 == 0,
                                nullptr));
     });
   } else {
     b.chunks([&](int64_t c0, int64_t w, const float* dots) {
+      if (fused) return fused_tile(c0, w, nullptr, nullptr, row_loss.data(), nullptr, nullptr);
       launched(kc::siglip_tile(dtype_of<T>(), dots, s.bi, w, c0, b.scale(), b.bias(), has_positives, nullptr, nullptr,
                                row_loss.data(), nullptr, nullptr, c0 == 0, nullptr));
     });
@@ -497,14 +523,17 @@ void run(const Shape& shape, unsigned seed, bool confident = false) {
     for (auto* v : {&gr, &gc, &gp})
       for (float& x : *v) x = s.coefficient * normal(gen);
   }
-  clip_backward(b, f, &gr, &gc, &gp, "row+col+pos");
-  clip_backward(b, f, &gr, nullptr, nullptr, "row");
-  clip_backward(b, f, nullptr, &gc, &gp, "col+pos");
-  clip_backward(b, f, nullptr, nullptr, &gp, "pos");
-  clip_backward(b, f, nullptr, nullptr, nullptr, "none");  // every gradient exactly 0
-  siglip(b, true, true);
-  siglip(b, false, true);
-  siglip(b, true, false);
+  for (const bool fused : {false, true}) {
+    if (fused && std::is_same_v<T, float>) break;  // the fused tiles are fp16/bf16 only
+    clip_backward(b, f, &gr, &gc, &gp, "row+col+pos", fused);
+    clip_backward(b, f, &gr, nullptr, nullptr, "row", fused);
+    clip_backward(b, f, nullptr, &gc, &gp, "col+pos", fused);
+    clip_backward(b, f, nullptr, nullptr, &gp, "pos", fused);
+    clip_backward(b, f, nullptr, nullptr, nullptr, "none", fused);  // every gradient exactly 0
+    siglip(b, true, true, fused);
+    siglip(b, false, true, fused);
+    siglip(b, true, false, fused);
+  }
 }
 
 // f = 2^k puts bound = max|a| + max|b| + max|c| + extra into [2^11, 2^12); k within [-100, 100]; f = 1 for a

@@ -46,10 +46,11 @@ cudaError_t clip_forward_cols(const float* dots, int64_t rows, int64_t width, co
 // Both passes above and the chunk's GEMM in one kernel (+ the column merge): rows [n_rows, d] and cols
 // [Bt, d] contiguous dtype features; the chunk is cols[c0, c0 + width). Same outputs and running state as
 // clip_forward_rows + clip_forward_cols, with partial: scratch of 2 * clip_fused_stripes(n_rows) * width
-// floats; no fp32 dots. clip_forward_fused_supported: whether it runs on this dtype and device.
+// floats; no fp32 dots. fused_tiles_supported: whether the fused kernels (this one, clip_backward_fused and
+// siglip_fused) run on this dtype and device.
 inline constexpr int64_t kFusedStripeRows = 64;
 inline int64_t clip_fused_stripes(int64_t rows) { return (rows + kFusedStripeRows - 1) / kFusedStripeRows; }
-bool clip_forward_fused_supported(DType dtype);
+bool fused_tiles_supported(DType dtype);
 cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
                                int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
                                bool first, bool last, float* row_max, float* row_sum, float* row_lse,
@@ -73,6 +74,18 @@ cudaError_t clip_backward_tile(DType dtype, const float* dots, int64_t rows, int
                                const float* col_lse, const float* grad_row, const float* grad_col,
                                const float* grad_pos, const float* factor, void* dx, double* row_gdot,
                                double* row_g, bool first, cudaStream_t stream);
+
+// clip_backward_tile and siglip_tile fused on the tensor cores (fp16/bf16, fused_tiles_supported): the chunk's
+// dots from rows [n_rows, d] and cols [Bt, d] (contiguous; the chunk is cols[c0, c0 + width)) instead of an fp32
+// scratch; the same outputs.
+cudaError_t clip_backward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
+                                int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
+                                const float* row_lse, const float* col_lse, const float* grad_row,
+                                const float* grad_col, const float* grad_pos, const float* factor, void* dx,
+                                double* row_gdot, double* row_g, bool first, cudaStream_t stream);
+cudaError_t siglip_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d, int64_t width,
+                         int64_t c0, const float* scale, const float* bias, bool has_positives, const float* factor,
+                         void* dx, double* row_loss, double* row_gdot, double* row_g, bool first, cudaStream_t stream);
 
 // SigLIP, one chunk: x = scale * dots + bias, y = +1 on (i, i) when has_positives else -1;
 // row_loss[i] (fp64, set when first) += sum_j softplus(-y x). With dx non-null also dx = factor *
