@@ -200,24 +200,13 @@ constexpr int kFusedRows = static_cast<int>(kFusedStripeRows), kFusedCols = 64, 
 static_assert(kFusedRows == kFusedThreads / 32 * 16, "4 warps of 16 rows make a stripe");
 constexpr int kFusedPitch = kFusedK + 8;  // ldmatrix rows in 8 different bank groups
 
-// x = the warp's 16 rows of the stripe [r0, r0 + 64) times the chunk's columns [j0, j0 + 64), as mma C
-// fragments (0 for rows >= n_rows and columns >= width): the features in 64-wide slices through shared memory.
-// Whole block; the first barrier also orders the previous tile's readers of the shared tiles.
+// x = the warp's 16 rows of the stripe [r0, r0 + 64) times the chunk's columns [j0, j0 + 64) (mma.cuh).
 template <typename T>
 __device__ __forceinline__ void stripe_dots(float (&x)[kFusedCols / 8][4], T* row_tile, T* col_tile, const T* rows,
                                             const T* cols, int64_t n_rows, int64_t d, int64_t width, int64_t r0,
-                                            int64_t j0, int warp, int lane) {
-#pragma unroll
-  for (int j = 0; j < kFusedCols / 8; ++j) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.f;
-  for (int64_t k0 = 0; k0 < d; k0 += kFusedK) {
-    const int slice = static_cast<int>(min(d - k0, static_cast<int64_t>(kFusedK)));
-    __syncthreads();  // the previous slice's (and column merge's) readers are done
-    load_rows_tile<kFusedRows, kFusedK, kFusedThreads>(row_tile, kFusedPitch, rows + k0, d, r0, n_rows - r0, slice);
-    load_rows_tile<kFusedCols, kFusedK, kFusedThreads>(col_tile, kFusedPitch, cols + k0, d, j0, width - j0, slice);
-    __syncthreads();
-    warp_mma_abt<T, kFusedCols, kFusedK>(x, row_tile + warp * 16 * kFusedPitch, kFusedPitch, col_tile, kFusedPitch,
-                                         lane);
-  }
+                                            int64_t j0) {
+  block_tile_dots<T, kFusedRows, kFusedCols, kFusedK, kFusedThreads>(x, row_tile, col_tile, rows, cols, d, r0, n_rows,
+                                                                     j0, width);
 }
 
 template <typename T>
@@ -238,7 +227,7 @@ __global__ void __launch_bounds__(kFusedThreads)
 
   for (int64_t j0 = 0; j0 < width; j0 += kFusedCols) {
     float x[kFusedCols / 8][4];
-    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0, warp, lane);
+    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0);
     // x = scale * dot; padding rows and columns become -inf, which every state below skips.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -533,19 +522,8 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 // clip_backward_tile / siglip_tile with the chunk's dots made by stripe_dots (as clip_forward_fused_kernel:
 // 64-row stripes x 64-column tiles) instead of read from cuBLAS's fp32 scratch. A lane's elements are rows
 // g, g + 8 of its warp's 16 and columns 8j + 2t, 8j + 2t + 1 of the tile; dX goes out as one 4-byte pair where
-// aligned. Per-row sums: fp32 over a tile's 16 elements of the lane, fp64 across tiles, then the row's 4 lanes
+// aligned (store_pair). Per-row sums: fp32 over a tile's 16 elements of the lane, fp64 across tiles, then the row's 4 lanes
 // in a fixed order (xor 1, then 2); the chunk's sum is added to the row's running one as the row kernels do.
-template <typename T>
-__device__ __forceinline__ void store_dx_pair(T* dx, int64_t width, int64_t r, int64_t c, float o0, float o1) {
-  T* to = dx + r * width + c;
-  if (c + 1 < width && reinterpret_cast<uintptr_t>(to) % 4 == 0) {
-    *reinterpret_cast<uint32_t*>(to) = pack_pair<T>(o0, o1);
-  } else {
-    to[0] = from_float<T>(o0);
-    if (c + 1 < width) to[1] = from_float<T>(o1);
-  }
-}
-
 // The row's 4 lanes (t = 0..3 of one g) in a fixed order; every lane gets the sum.
 __device__ __forceinline__ double quad_sum_f64(double v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -581,7 +559,7 @@ __device__ __forceinline__ void fused_gradient_sweep(T* row_tile, T* col_tile, c
   for (int k = 0; k < 3; ++k) sums[k][0] = sums[k][1] = 0.0;
   for (int64_t j0 = 0; j0 < width; j0 += kFusedCols) {
     float x[kFusedCols / 8][4];
-    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0, warp, lane);
+    stripe_dots(x, row_tile, col_tile, rows, cols, n_rows, d, width, r0, j0);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t r = r0 + warp * 16 + g + 8 * half;
@@ -599,7 +577,7 @@ __device__ __forceinline__ void fused_gradient_sweep(T* row_tile, T* col_tile, c
           part[2] += v;
           o[e] = v * f;
         }
-        if (dx != nullptr && r < n_rows && c < width) store_dx_pair(dx, width, r, c, o[0], o[1]);
+        if (dx != nullptr && r < n_rows && c < width) store_pair(dx + r * width, width, c, o[0], o[1]);
       }
       for (int k = 0; k < 3; ++k) sums[k][half] += part[k];
     }

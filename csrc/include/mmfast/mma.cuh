@@ -197,4 +197,43 @@ __device__ __forceinline__ void warp_mma_cb(float (&acc)[N / 8][4], const float 
   }
 }
 
+// ---- block tiles: a block's ROWS x COLS dot products, features streamed through shared memory -------------
+// acc (warp w's C fragments) = rows[r0 + 16w, r0 + 16w + 16) . cols[j0, j0 + COLS)^T over all d features, 0 for
+// rows >= n_rows and columns >= n_cols: K-wide feature slices of both operands go through row_tile
+// [ROWS][K + 8] and col_tile [COLS][K + 8] (the pitch keeps ldmatrix conflict-free). Both operands are
+// row-major with row stride d. Whole block (THREADS = 32 * ROWS / 16); the first barrier also orders the
+// previous call's readers of the tiles, so a kernel may call it in a loop and read acc in between.
+template <typename T, int ROWS, int COLS, int K, int THREADS>
+__device__ __forceinline__ void block_tile_dots(float (&acc)[COLS / 8][4], T* row_tile, T* col_tile, const T* rows,
+                                                const T* cols, int64_t d, int64_t r0, int64_t n_rows, int64_t j0,
+                                                int64_t n_cols) {
+  static_assert(THREADS == 32 * ROWS / 16, "one warp per 16 rows");
+  constexpr int kPitch = K + 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < COLS / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int64_t k0 = 0; k0 < d; k0 += K) {
+    const int slice = static_cast<int>(d - k0 < K ? d - k0 : K);
+    __syncthreads();  // the previous slice's readers are done
+    load_rows_tile<ROWS, K, THREADS>(row_tile, kPitch, rows + k0, d, r0, n_rows - r0, slice);
+    load_rows_tile<COLS, K, THREADS>(col_tile, kPitch, cols + k0, d, j0, n_cols - j0, slice);
+    __syncthreads();
+    warp_mma_abt<T, COLS, K>(acc, row_tile + warp * 16 * kPitch, kPitch, col_tile, kPitch, lane);
+  }
+}
+
+// Stores the pair (v0, v1) rounded to T at row[c], row[c + 1] (c + 1 < n_cols): one 4-byte store where aligned,
+// element stores otherwise (odd row lengths).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int64_t n_cols, int64_t c, float v0, float v1) {
+  T* to = row + c;
+  const uint32_t packed = pack_pair<T>(v0, v1);
+  if (c + 1 < n_cols && reinterpret_cast<uintptr_t>(to) % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(to) = packed;
+  } else {
+    reinterpret_cast<uint16_t*>(to)[0] = static_cast<uint16_t>(packed);
+    if (c + 1 < n_cols) reinterpret_cast<uint16_t*>(to)[1] = static_cast<uint16_t>(packed >> 16);
+  }
+}
+
 }  // namespace mmfast::cuda
