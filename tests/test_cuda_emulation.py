@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "tests" / "native"
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 # What every driver is built from besides its own .cpp and the .cu it includes.
-SHARED_SOURCES = [NATIVE / "cuda_emulation.h", *sorted((ROOT / "csrc" / "include" / "mmfast").glob("*.h*"))]
+SHARED_SOURCES = [*sorted(NATIVE.glob("*.h")), *sorted((ROOT / "csrc" / "include" / "mmfast").glob("*.h*"))]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -208,3 +208,12 @@ def test_cuda_siglip_scalar_gradients_emulated_where_the_gpu_missed(loss_driver,
     for name, want in (("grad_logit_scale", want_scale.item()), ("grad_logit_bias", want_bias.item())):
         err = abs(got[name] - want) / abs(want)
         assert err <= 1e-5, f"{name}: relative error {err:.3e} ({run.stdout})"
+
+
+def test_cuda_similarity_dots_on_tensor_cores_emulated(tmp_path_factory):
+    """similarity_softmax's tensor-core dot products (similarity_dots_fused, opt-in on a GPU) and the softmax
+    epilogue after them, fp16/bf16, against float64: one element, odd sizes (unaligned loads and pair stores, a
+    second row block, a ragged column tile) and a CLIP-like D (~2 s)."""
+    driver = compile_driver("similarity_softmax_emulated", "similarity_softmax.cu", tmp_path_factory)
+    run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -180,9 +180,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_softmax_cuda(const at:
   const at::Tensor scale = scalar_arg(logit_scale, "logit_scale", image);
   const std::optional<at::Tensor> bias = bias_arg(logit_bias, image);
   Operands o = make_operands(image, text, normalize, nullptr, nullptr);
-  // cuBLAS writes the dot products (fp32 accumulation) straight into the output; the epilogue then
-  // turns them into probabilities in place: one read + one write of the N x C matrix after the GEMM.
-  at::Tensor out = at::mm(o.x, o.y.t());
+  // cuBLAS (or, opted in, the tensor-core tile kernel) writes the dot products (fp32 accumulation) straight into
+  // the output; the epilogue then turns them into probabilities in place: one read + one write of the N x C
+  // matrix after the GEMM.
+  const auto dt = kernel_dtype(o.x);
+  at::Tensor out;
+  if (cuda_glue::tensor_cores_opted_in() && kc::similarity_dots_fused_supported(dt, o.y.size(0))) {
+    out = at::empty({o.x.size(0), o.y.size(0)}, o.x.options());
+    C10_CUDA_CHECK(kc::similarity_dots_fused(dt, o.x.data_ptr(), o.y.data_ptr(), o.x.size(0), o.y.size(0),
+                                             o.x.size(1), out.data_ptr(), current_stream()));
+  } else {
+    out = at::mm(o.x, o.y.t());
+  }
   C10_CUDA_CHECK(kc::similarity_epilogue(kernel_dtype(out), out.data_ptr(), out.size(0), out.size(1), ptr(scale),
                                          ptr(bias), kernel_act(act), row_cache_bytes(), current_stream()));
   return {out, o.inv_image, o.inv_text};

@@ -8,6 +8,7 @@
 // loop, scratch buffers and launcher calls, with cuBLAS's GEMMs replaced by float64 products rounded to
 // fp32 (a chunk's dots rows @ cols_chunk^T, then dX @ cols_chunk and dX^T @ rows).
 #include "cuda_emulation.h"
+#include "emulated_checks.h"
 
 #include "../../csrc/cuda/contrastive_loss.cu"
 
@@ -25,73 +26,7 @@
 namespace {
 
 namespace kc = mmfast::cuda;
-
-// ---- device buffers -----------------------------------------------------------------------------------
-// 64-byte aligned, as the launchers need 16-byte aligned bases (torch's allocations are).
-template <typename X>
-struct Aligned {
-  using value_type = X;
-  Aligned() = default;
-  template <typename Y>
-  Aligned(const Aligned<Y>&) {}
-  X* allocate(size_t n) { return static_cast<X*>(::operator new(n * sizeof(X), std::align_val_t{64})); }
-  void deallocate(X* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
-  bool operator==(const Aligned&) const = default;
-};
-
-template <typename X>
-using Vec = std::vector<X, Aligned<X>>;
-
-// Filled with 0xff bytes, a NaN in every float type: an entry a kernel should write but does not fails.
-template <typename X>
-Vec<X> poisoned(int64_t n) {
-  Vec<X> v(n);
-  std::memset(static_cast<void*>(v.data()), 0xff, n * sizeof(X));
-  return v;
-}
-
-template <typename X>
-X* data_or_null(Vec<X>& v) {
-  return v.empty() ? nullptr : v.data();
-}
-
-void launched(cudaError_t e) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "launcher returned %d\n", static_cast<int>(e));
-    std::exit(2);
-  }
-}
-
-template <typename T>
-constexpr kc::DType dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return kc::DType::kFloat32;
-  if constexpr (std::is_same_v<T, __half>) return kc::DType::kFloat16;
-  return kc::DType::kBFloat16;
-}
-
-template <typename T>
-const char* name_of() {
-  if constexpr (std::is_same_v<T, float>) return "fp32";
-  if constexpr (std::is_same_v<T, __half>) return "fp16";
-  return "bf16";
-}
-
-// ---- checks ---------------------------------------------------------------------------------------------
-int checks = 0, failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-void expect_error(double err, double tol, const std::string& what) {  // !(<=): a NaN error fails
-  char numbers[64];
-  std::snprintf(numbers, sizeof numbers, ": error %.3g > tolerance %.3g", err, tol);
-  expect(err <= tol, what + numbers);
-}
+using namespace mmfast_emulation::checks;
 
 // ||got - want|| / ||size||, size = the magnitudes behind want (want itself, or the sum of the absolute values
 // of the terms summed into it, which cancellation does not shrink); a zero size needs an exactly zero result.

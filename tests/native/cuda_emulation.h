@@ -14,7 +14,8 @@
 // copy, right because blocks never overlap; not refilled with NaN, so a block reads what the previous
 // block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
 // the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
-// g++ from fusing them into an fma), __int_as_float and the int min/max of device code; the tensor-core
+// g++ from fusing them into an fma), __fsqrt_rn, __int_as_float, __uint_as_float, __float_as_uint, the int
+// atomicAdd and the int min/max of device code; the tensor-core
 // mma.m16n8k16 (bf16/fp16 -> fp32) and ldmatrix of mmfast/mma.cuh, with the PTX fragment layouts (the mma's
 // fp32 summation order is fixed here, unspecified on the device: compare with a tolerance).
 //
@@ -281,6 +282,11 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float a) { return 1.f / a; }
 inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
+inline float __uint_as_float(unsigned bits) { return std::bit_cast<float>(bits); }
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }  // IEEE sqrt is correctly rounded, as on the device
+// Integer atomics on shared or global memory (a CUDA thread is a std::thread here): returns the old value.
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
 using std::max;  // device code's min(int, int) / max(int, int)
 using std::min;
 

@@ -28,6 +28,12 @@ inline constexpr int64_t kMaxChunk = 4096;
 cudaError_t normalize_rows(DType dtype, const void* src, int64_t rows, int64_t dim, float* inv, bool compute_inv,
                            float eps, void* dst, cudaStream_t stream);
 
+// out [rows, cols] = x [rows, dim] . y [cols, dim]^T in dtype (fp32 accumulation) on the tensor cores, in place
+// of the cuBLAS GEMM; fp16/bf16 where similarity_dots_fused_supported (sm_80+, cols within the grid).
+bool similarity_dots_fused_supported(DType dtype, int64_t cols);
+cudaError_t similarity_dots_fused(DType dtype, const void* x, const void* y, int64_t rows, int64_t cols, int64_t dim,
+                                  void* out, cudaStream_t stream);
+
 // In place on out [rows, cols], which holds dot products d: softmax rows (act = kSoftmax), or
 // sigmoid / identity of scale * d + bias elementwise. max_cache_bytes bounds the shared memory a
 // softmax row may be cached in (0: never cache, re-read the row from L2).
