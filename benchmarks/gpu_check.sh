@@ -21,6 +21,9 @@
 #      (MMFAST_COVERAGE_GUARD=1: a claimed backend/dtype that did not run and pass fails the stage)
 #                                                                 -> pytest.log
 #   5. compute-sanitizer memcheck of each CUDA op, tiny shapes    -> sanitizer.log
+#   5b. benchmarks/_tensor_core_ab.py: the CUDA backend with MMFAST_CUDA_TENSOR_CORES=0 against =1 on the issues'
+#      headline shapes (TENSOR_CORE_AB_SECONDS: off by default; give it ~60 s once, to decide whether the
+#      tensor-core kernels become the default)                   -> results/tensor_core_ab.md
 #   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s          -> ceilings.txt
 #   7. python3 -m mmfast bench --quick --device cuda, one op at a time, each under its own cap so that one
 #      slow op cannot starve the rest (BENCH_OPS, "op:seconds" pairs), then a torch.profiler pass over the
@@ -212,6 +215,10 @@ if [ -x "$SANITIZER" ]; then
 else
     STATUS+=("sanitizer: SKIPPED (compute-sanitizer not found)")
     echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
+fi
+if [ "${TENSOR_CORE_AB_SECONDS:-0}" -gt 0 ]; then
+    stage tensor-core-ab "${TENSOR_CORE_AB_SECONDS}" "$LOG" "$PY" benchmarks/_tensor_core_ab.py \
+        --out "$RES/tensor_core_ab.md"
 fi
 stage ceilings 20 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
 if "$PY" -c "import open_clip" 2>/dev/null; then

@@ -441,3 +441,22 @@ def test_cuda_timing_interleaves_blocks_of_the_providers():
     assert [i for i, _ in log[:4]] == [0, 1, 2, 1]  # round 0 from step 0, round 1 from step 1 (3 is skipped)
     assert [k for i, k in log if i == 0] == [5] * 5 and sum(k for i, k in log if i == 1) == 10
     assert runner.interleaved_blocks([3], lambda i, k: [1.0] * k, rounds=5) == [[1.0] * 3]  # fewer calls than rounds
+
+
+def test_tensor_core_ab_script_runs_both_settings(tmp_path):
+    """benchmarks/_tensor_core_ab.py (a gpu_check.sh stage) on the CPU with tiny shapes: each setting of
+    MMFAST_CUDA_TENSOR_CORES in its own process, one table row per case; the CPU kernels ignore the switch, so both
+    settings' results must agree exactly (~15 s)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "_tensor_core_ab.py"
+    table = tmp_path / "ab.md"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--reps", "1", "--out", str(table)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = table.read_text().splitlines()[2:]
+    assert len(rows) == 3, rows
+    for row in rows:
+        assert row.rstrip(" |").endswith("0.00e+00"), row
