@@ -88,7 +88,9 @@ def _loss_case(op, b, d, dtype, mode="full", seed=0):
     return f"{op} {str(dtype)[6:]} B={b} D={d} {mode}", build, run, reference
 
 
-def _similarity_case(n, c, d, dtype, mode="full"):
+def _similarity_case(n, c, d, dtype, mode="full", topk=None):
+    """topk: the top-k values (whose backward runs the Triton GEMM kernels; the dense backward's GEMMs are
+    cuBLAS's) instead of the N x C probabilities."""
     import mmfast
     from mmfast.reference import similarity_softmax as ref
 
@@ -96,15 +98,17 @@ def _similarity_case(n, c, d, dtype, mode="full"):
         return _randn(n, d, dtype=dtype, seed=2), _randn(c, d, dtype=dtype, seed=3)
 
     def run(x):
-        out = mmfast.similarity_softmax(*x, 100.0, backend="triton")
+        out = mmfast.similarity_softmax(*x, 100.0, topk=topk, backend="triton")
+        out = out if topk is None else out[0]
         return [out.detach()] if mode == "forward" else _grads(out, list(x))
 
     def reference(x):
         wide = [t.detach().float().requires_grad_() for t in x]
-        out = ref.similarity_softmax(*wide, 100.0)
+        out = ref.similarity_softmax(*wide, 100.0) if topk is None else ref.similarity_topk(*wide, 100.0, k=topk)[0]
         return [out.detach()] if mode == "forward" else _grads(out, wide)
 
-    return f"similarity_softmax {str(dtype)[6:]} N={n} C={c} D={d} {mode}", build, run, reference
+    kind = "similarity_softmax" if topk is None else f"similarity_topk k={topk}"
+    return f"{kind} {str(dtype)[6:]} N={n} C={c} D={d} {mode}", build, run, reference
 
 
 def _attention_case(b, h, lq, lk, lk2, d, dtype, mode):
@@ -151,12 +155,13 @@ ENTRIES = [
           [{"backward": c} for c in ((128, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 2), (128, 128, 64, 8, 3),
                                      (64, 128, 64, 4, 3), (128, 64, 64, 8, 4))],
           lambda: _both_losses(16384, 768, BF16) + [_loss_case("clip", 1000, 200, FP16)], 2e-2),
+    # similarity_softmax's Triton GEMM backward kernels serve the top-k backward only (the dense one is cuBLAS's).
     Entry("similarity-backward-half", "similarity_softmax", "half",
           [{"backward": c, "backward_features": (f,)} for c, f in (
               ((64, 64, 64, 8, 2), 256), ((64, 64, 64, 4, 2), 128), ((128, 64, 64, 8, 2), 256),
               ((64, 64, 64, 8, 2), 512), ((64, 64, 32, 8, 3), 256), ((128, 128, 64, 8, 3), 256))],
-          lambda: [_similarity_case(4096, 21843, 768, FP16), _similarity_case(4096, 1000, 768, BF16),
-                   _similarity_case(37, 1001, 200, FP16)], 2e-2),
+          lambda: [_similarity_case(4096, 21843, 768, FP16, topk=5), _similarity_case(4096, 1000, 768, BF16, topk=5),
+                   _similarity_case(37, 1001, 200, FP16, topk=5)], 2e-2),
     Entry("attention-forward-half", "cross_attention", "half",
           [{"forward": c} for c in ((128, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3),
                                     (64, 32, 4, 2), (32, 128, 4, 2))],
@@ -173,7 +178,8 @@ ENTRIES = [
           [{"backward": c, "backward_features": (f,)} for c, f in (
               ((64, 64, 32, 4, 2), 128), ((64, 64, 32, 8, 2), 256), ((128, 64, 32, 8, 2), 128),
               ((64, 64, 32, 4, 2), 256), ((32, 64, 32, 4, 2), 256))],
-          lambda: [_similarity_case(4096, 1000, 768, FP32), _similarity_case(37, 1001, 200, FP32)], 1e-4),
+          lambda: [_similarity_case(4096, 1000, 768, FP32, topk=5),
+                   _similarity_case(37, 1001, 200, FP32, topk=5)], 1e-4),
     Entry("loss-forward-half", "contrastive_loss", "half",
           [{"forward": c} for c in ((128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4),
                                     (64, 128, 64, 4, 3), (256, 64, 64, 8, 3))],

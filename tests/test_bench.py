@@ -453,8 +453,8 @@ def test_tensor_core_ab_script_runs_both_settings(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "_tensor_core_ab.py"
     table = tmp_path / "ab.md"
-    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--reps", "1", "--out", str(table)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--reps", "1", "--out",
+                           str(table)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = table.read_text().splitlines()[2:]
     assert len(rows) == 3, rows

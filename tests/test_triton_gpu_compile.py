@@ -1,4 +1,5 @@
-"""The Triton kernels of cross_attention and the contrastive losses compile for an sm_90 GPU (H100/H200).
+"""The Triton kernels of cross_attention, the contrastive losses and similarity_softmax's dense backward compile
+for an sm_90 GPU (H100/H200).
 
 The interpreter (how CI runs Triton on the CPU) executes the kernels as numpy code and never lowers them,
 so an error that only the GPU compiler sees (a type mismatch in tl.dot, an unsupported construct, a
@@ -21,6 +22,7 @@ SCRIPT = textwrap.dedent('''
 
     import mmfast.triton.contrastive_loss as loss
     import mmfast.triton.cross_attention as attn
+    import mmfast.triton.similarity_softmax as sim
 
     TARGET = GPUTarget("cuda", 90, 32)
 
@@ -69,6 +71,11 @@ SCRIPT = textwrap.dedent('''
         for kern in (loss._clip_fwd_kernel, loss._siglip_loss_kernel):
             compile_kernel(kern, common, lambda n: dt if n in features else "fp32")
         compile_kernel(loss._lse_combine_kernel, dict(HAS_BIAS=True, BLOCK=128), lambda n: "fp32")
+        # similarity_softmax's dense backward: ds in dt from grad_out and out (dt), delta and partials fp32
+        for act in range(3):
+            compile_kernel(sim._ds_kernel, dict(ACT=act, BLOCK_M=32, BLOCK_C=128, ROUND_BF16=dt == "bf16",
+                                                UPCAST=False),
+                           lambda n: dt if n in ("g_ptr", "p_ptr", "ds_ptr") else "fp32")
     # The loss gradient kernel's GPU entries, as launched.
     for table, dts in (("half", ("fp16", "bf16")), ("fp32", ("fp32",))):
         bm, bn, bd, warps, stages = loss._BLOCKS[table]["backward"]

@@ -91,3 +91,17 @@ def optional_scalar(name: str, t: Optional[torch.Tensor], like: torch.Tensor) ->
     """None, or t as a 0-dim fp32 tensor on like's device, read by the kernels through its pointer (no
     host sync); the checks are mmfast.ops._checks.scalar_tensor's."""
     return None if t is None else scalar_tensor(name, t, like).to(torch.float32)
+
+
+# torch.mm / addmm with out_dtype (fp16/bf16 operands, fp32 result from cuBLAS's fp32 accumulator) are CUDA-only.
+MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(acc +) a @ b in fp32 from operands of any one float dtype, without rounding the product to it."""
+    if a.dtype != torch.float32 and a.is_cuda and MM_OUT_DTYPE:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    a, b = a.float(), b.float()  # fp32 inputs, or the CPU (the interpreter's tests): exact widening
+    return torch.mm(a, b) if acc is None else torch.addmm(acc, a, b)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, optional_scalar, pow2_block)
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block)
 
 
 
@@ -551,20 +551,6 @@ def _clip_forward(rows, cols, scale, bias, label_offset: int):
 # GEMMs each (NOT timed on a GPU yet).
 GRAD_CHUNK_BYTES = 1 << 28
 
-# torch.mm / addmm with out_dtype (fp16/bf16 operands, fp32 result from cuBLAS's fp32 accumulator) are CUDA-only.
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(acc +) a @ b in fp32 from operands of any one float dtype, without rounding the product to it."""
-    if a.dtype != torch.float32 and a.is_cuda and _MM_OUT_DTYPE:
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    a, b = a.float(), b.float()  # fp32 inputs, or the CPU (the interpreter's tests): exact widening
-    return torch.mm(a, b) if acc is None else torch.addmm(acc, a, b)
-
-
 def _fp16_gradient_factor(bound: torch.Tensor) -> torch.Tensor:
     """2^(12 - e) for the bound < 2^e on |G| (1 for 0, inf or NaN), on the device (no host sync): the CUDA
     backend's gradient_factor_kernel. f * G stays below 2^12 (16x under fp16's largest value) while the
@@ -624,8 +610,8 @@ def _gradients(rows, cols, scale, bias, *, siglip: bool, has_positives: bool = F
         # moved SigLIP's bias gradient by 2e-6 of its value at B=128, scale 100 (interpreter), where it cancels
         # 640-fold.
         sums += stats[:, :grid[1]].double().sum((1, 2))
-        acc_rows = _mm_fp32(g, cols[c0:c0 + w], acc_rows)
-        grad_cols[c0:c0 + w] = (_mm_fp32(g.t(), rows) * coef).to(rows.dtype)
+        acc_rows = mm_fp32(g, cols[c0:c0 + w], acc_rows)
+        grad_cols[c0:c0 + w] = (mm_fp32(g.t(), rows) * coef).to(rows.dtype)
     grad_rows = (acc_rows * coef).to(rows.dtype)
     return grad_rows, grad_cols, sums[0].float(), sums[1].float(), sums[2].float() if siglip else None
 

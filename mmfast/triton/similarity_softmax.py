@@ -26,9 +26,12 @@ Forward (softmax). Two ways to avoid the N x C logits in fp32:
 
 Backward. ds = dL/ds: p*(g - rowsum(g*p)) (softmax), g*p*(1-p) (sigmoid), g (none). Then
   G = ds @ y [N, D],  H = ds^T @ x [C, D],  grad_image = inv * (scale*G - [norm>eps] x (x . scale*G)) ...
-ds is never stored: the two GEMM kernels rebuild each ds tile in their prologue from grad_out and out
-(2 loads per element instead of 1 load of a stored ds, and no N x C write/read of ds). G and H are
-written in fp32 and a row kernel applies the normalization backward and reduces grad_scale = sum_i x_i.G_i.
+Dense modes: _ds_kernel writes ds once in the features' dtype (one more N x C, as grad_out) and cuBLAS runs
+the two GEMMs with fp32 outputs (_dense_gradients; the CUDA backend's scheme). Until 2026-12-05 the two Triton
+GEMM kernels rebuilt ds in their prologues from grad_out and out once per block of output features, which the
+H200 measured at 0.40x eager (fp16 N=4096, C=21843); the top-k backward still does, since it has no N x C
+matrices to read (its ds tiles come from recomputed logits). G and H are fp32 and a row kernel applies the
+normalization backward and reduces grad_scale = sum_i x_i.G_i.
 
 Top-k. One program per block of rows sweeps all class tiles once: online log-sum-exp plus a running
 top-k kept as sorted 64-bit keys (fp32 logit in an order-preserving integer form, high 32 bits; column,
@@ -46,7 +49,8 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, optional_scalar, pow2_block)
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block)
+from mmfast.triton.contrastive_loss import _round_bf16, _round_fp16
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 ACT_SOFTMAX: tl.constexpr = tl.constexpr(0)
@@ -447,7 +451,36 @@ def _topk_fwd_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bias_ptr
     tl.store(lse_ptr + offs_m, lse, mask=row_ok)
 
 
-# ---- backward GEMMs ------------------------------------------------------------------------------
+# ---- dense backward: ds once, then cuBLAS -----------------------------------------------------------
+@triton.jit
+def _ds_kernel(g_ptr, p_ptr, delta_ptr, ds_ptr, part_ptr, N, C, s_gm, s_gc, s_pm, s_pc,
+               ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """ds [N, C] = dL/ds of the dense modes (_ds_tile) rounded to the features' dtype (under the interpreter an
+    fp32 buffer holding the rounded values: no numpy casts), and part[class tile, rows] = the tile's fp32 row
+    sums of ds (grad_logit_bias's shares). One [BLOCK_M, BLOCK_C] tile per program."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_m < N
+    col_ok = offs_c < C
+    delta, lse = _ds_row_stats(offs_m, row_ok, delta_ptr, delta_ptr, ACT, False, BLOCK_M)
+    # Dense mode: _ds_tile reads g, p and delta only; the top-k arguments (indices, features, norms, scalars)
+    # are placeholders.
+    ds = _ds_tile(offs_m, offs_c, row_ok, col_ok, delta, lse, g_ptr, p_ptr, g_ptr, s_gm, s_gc, s_pm, s_pc, 0,
+                  g_ptr, g_ptr, delta, delta, 1.0, 0.0, 0, 0, 0, 0, 0,
+                  ACT, False, False, BLOCK_M, BLOCK_C, 16, "ieee")
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_m, tl.sum(ds, axis=1), mask=row_ok)
+    if UPCAST:
+        if ROUND_BF16:
+            ds = _round_bf16(ds)
+        else:
+            ds = _round_fp16(ds)
+    rows = offs_m.to(tl.int64)
+    tl.store(ds_ptr + rows[:, None] * C + offs_c[None, :], ds.to(ds_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---- top-k backward GEMMs (the logits recomputed per tile) ---------------------------------------
 @triton.jit
 def _bwd_image_side_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bias_ptr,
                            g_ptr, p_ptr, idx_ptr, lse_ptr, delta_ptr, G_ptr, dbias_ptr,
@@ -457,8 +490,8 @@ def _bwd_image_side_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, bi
                            BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
     """G[rows, d-block] = sum_c ds[rows, c] y[c, d-block] (fp32), y = text * inv_c made per tile in registers.
 
-    2*BM*C*BDO FLOPs per program; the dense mode loads 2*BM*C of grad_out/out per program (once per
-    d-block: L2 serves the repeats). The pid_d == 0 programs also write rowsum(ds), grad_bias's share."""
+    2*BM*C*BDO FLOPs per program (the top-k backward; the dense modes go through _dense_gradients). The
+    pid_d == 0 programs also write rowsum(ds), grad_bias's share."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -540,7 +573,9 @@ def _act_code(activation: str) -> int:
 # program rebuilds its logit tiles over all of D, so D / BLOCK_DO is the number of times the logits are
 # recomputed per side. Backward, benchmarks/_triton_sweep.py on an H200 (Triton 3.6, 2026-12-04): half precision
 # with 8 warps and BLOCK_DO 256 took fp16 N=4096 C=21843 D=768 forward+backward from 8.89 to 6.61 ms and bf16
-# N=4096 C=1000 from 1.85 to 1.21 ms; fp32 stayed (no candidate of 5 beat it by more than noise).
+# N=4096 C=1000 from 1.85 to 1.21 ms; fp32 stayed (no candidate of 5 beat it by more than noise). Since
+# 2026-12-05 "backward" and "backward_features" serve the top-k backward only (the dense one is _ds_kernel +
+# cuBLAS); the sweep times them on top-k cases.
 _BLOCKS = {
     "interpret": {"forward": (64, 1024, 128, 4, 1), "topk": (64, 1024, 128, 4, 1),
                   "backward": (64, 1024, 128, 4, 1), "backward_features": (256,)},
@@ -623,13 +658,36 @@ def _topk_forward(image, text, scale, bias, act: int, k: int, inv_i, inv_t):
     return values, indices, row_lse
 
 
+def _dense_gradients(image, text, inv_i, inv_t, act: int, g, p, delta):
+    """G = ds @ y, H = ds^T @ x (fp32) and the row sums of ds for the dense modes: ds [N, C] written once in the
+    features' dtype (as autograd would hold it; memory: one more N x C, as grad_out), then cuBLAS. The former
+    Triton GEMM kernels rebuilt ds from grad_out and out in their prologues once per block of output features,
+    reading those two N x C matrices 2 * D / 256 times: the H200's 0.40x-eager backward at fp16 N=4096, C=21843."""
+    n, c = g.shape
+    upcast = INTERPRET and image.dtype != torch.float32
+    bm, bc = (64, 1024) if INTERPRET else (32, 128)  # an elementwise pass; NOT tuned on a GPU
+    bm, bc = pow2_block(n, 16, bm), pow2_block(c, 16, bc)
+    ds = torch.empty(n, c, device=image.device, dtype=torch.float32 if upcast else image.dtype)
+    part = torch.empty(triton.cdiv(c, bc), n, device=image.device, dtype=torch.float32)
+    _ds_kernel[(triton.cdiv(n, bm), triton.cdiv(c, bc))](
+        g, p, inv_i if delta is None else delta, ds, part, n, c, g.stride(0), g.stride(1), p.stride(0), p.stride(1),
+        ACT=act, BLOCK_M=bm, BLOCK_C=bc, ROUND_BF16=image.dtype == torch.bfloat16, UPCAST=upcast)
+    # The normalized operands, rounded to the features' dtype as the former kernels made them per tile.
+    x = (image.float() * inv_i[:, None]).to(image.dtype)
+    y = (text.float() * inv_t[:, None]).to(text.dtype)
+    return mm_fp32(ds, y), mm_fp32(ds.t(), x), part.sum(0)
+
+
 def _backward(image, text, inv_i, inv_t, scale, bias, act: int, normalize: bool, *, g, p, delta,
               idx=None, lse=None):
-    """The four gradients from ds tiles built in the GEMM prologues (dense: g=grad_out, p=out; top-k:
-    g=grad_values, p=values, idx, lse given). delta is rowsum(g*p) (softmax) or None."""
+    """The four gradients (dense: g=grad_out, p=out, through _dense_gradients; top-k: g=grad_values, p=values,
+    idx, lse given, ds tiles rebuilt in the GEMM kernels' prologues). delta is rowsum(g*p) (softmax) or None."""
     n, d = image.shape
     c = text.shape[0]
     from_topk = idx is not None
+    if not from_topk:
+        G, H, ds_rowsum = _dense_gradients(image, text, inv_i, inv_t, act, g, p, delta)
+        return _finish_backward(image, text, inv_i, inv_t, scale, normalize, G, H, ds_rowsum)
     bm, bc, bd, warps, stages = _gemm_blocks("backward", image.dtype, n, c, d)
     bdo = pow2_block(d, MIN_DOT_BLOCK, _BLOCKS[_table(image.dtype)]["backward_features"][0])
     dummy = inv_i  # stands in for pointers a mode does not read
@@ -644,7 +702,12 @@ def _backward(image, text, inv_i, inv_t, scale, bias, act: int, normalize: bool,
     ds_rowsum = torch.empty(n, device=image.device, dtype=torch.float32)
     _bwd_image_side_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bdo))](*args, G, ds_rowsum, *sizes, **common)
     _bwd_text_side_kernel[(triton.cdiv(c, bc), triton.cdiv(d, bdo))](*args, H, *sizes, **common)
+    return _finish_backward(image, text, inv_i, inv_t, scale, normalize, G, H, ds_rowsum)
 
+
+def _finish_backward(image, text, inv_i, inv_t, scale, normalize: bool, G, H, ds_rowsum):
+    """The four gradients from G = ds @ y [N, D] and H = ds^T @ x [C, D] (fp32) and the row sums of ds."""
+    n, d = image.shape
     grad_image = torch.empty_like(image, memory_format=torch.contiguous_format)
     grad_text = torch.empty_like(text, memory_format=torch.contiguous_format)
     xg = torch.empty(n, device=image.device, dtype=torch.float32)
