@@ -27,23 +27,30 @@ SHARED_SOURCES = [*sorted(NATIVE.glob("*.h")), *sorted((ROOT / "csrc" / "include
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def compile_driver(name, kernels, tmp_path_factory):
+# AddressSanitizer + UBSan (compile_driver's sanitize): the emulated kernels' global memory is host memory, so ASan
+# reports any read or write past a buffer the launcher was given, as compute-sanitizer's memcheck does on a GPU.
+SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer"]
+
+
+def compile_driver(name, kernels, tmp_path_factory, sanitize=False):
     """tests/native/<name>.cpp, which includes `kernels` (a file name in csrc/cuda/, or a Path) under the emulator,
-    compiled once per session (~10 s)."""
+    compiled once per session (~10 s; sanitize: with SANITIZE_FLAGS instead of -O2)."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
         pytest.skip(f"needs a C++20 compiler and the CUDA headers ({CUDA_INCLUDE}/cuda_fp16.h)")
     source = NATIVE / f"{name}.cpp"
     sources = [source, kernels if isinstance(kernels, Path) else ROOT / "csrc" / "cuda" / kernels, *SHARED_SOURCES]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    exe = tmp_path_factory.getbasetemp() / f"{name}-{digest}"
+    exe = tmp_path_factory.getbasetemp() / f"{name}-{digest}{'-asan' if sanitize else ''}"
     if not exe.exists():
         # -ffp-contract=off: __fmul_rn & co. stay rounded products and sums, as on the device (g++ would fuse
         # them into an fma where the target has one). -fno-strict-aliasing: the kernels' 16-byte loads and
         # stores pun through uint4, as CUDA code does.
-        built = subprocess.run([compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-pthread",
-                                f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}", str(source), "-o", str(exe)],
-                               capture_output=True, text=True)
+        optimize = SANITIZE_FLAGS if sanitize else ["-O2"]
+        built = subprocess.run([compiler, "-std=c++20", *optimize, "-ffp-contract=off", "-fno-strict-aliasing",
+                                "-pthread", f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}", str(source), "-o",
+                                str(exe)], capture_output=True, text=True)
         assert built.returncode == 0, f"compiling {source.name} failed:\n{built.stderr[-20000:]}"
     return exe
 
@@ -217,3 +224,39 @@ def test_cuda_similarity_dots_on_tensor_cores_emulated(tmp_path_factory):
     driver = compile_driver("similarity_softmax_emulated", "similarity_softmax.cu", tmp_path_factory)
     run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def sanitizer_usable(tmp_path) -> bool:
+    """Whether the C++ compiler here links AddressSanitizer/UBSan programs (libasan and libubsan installed)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    return compiler is not None and subprocess.run([compiler, *SANITIZE_FLAGS, str(probe), "-o", str(tmp_path / "probe")],
+                                                   capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("driver", ["contrastive_loss", "similarity_softmax", "cross_attention"])
+def test_emulated_kernels_under_address_sanitizer(driver, tmp_path, tmp_path_factory):
+    """The emulated drivers built with AddressSanitizer and UBSan: no kernel reads or writes outside the buffers its
+    launcher was given (global memory is host memory here), and no undefined behaviour in the index math; the
+    drivers' own float64 checks run as well. compute-sanitizer's memcheck on a GPU checks the same at bench shapes;
+    this runs in CI on every kernel path, the tensor-core ones included (~80 s in all)."""
+    if not sanitizer_usable(tmp_path):
+        pytest.skip("the C++ compiler here cannot link -fsanitize=address,undefined programs")
+    if driver != "cross_attention":
+        exe = compile_driver(f"{driver}_emulated", f"{driver}.cu", tmp_path_factory, sanitize=True)
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+        return
+    exe = compile_driver("cross_attention_emulated", "cross_attention.cu", tmp_path_factory, sanitize=True)
+    for name in ("ragged-two-segments", "split-k-across-segments", "d96-k2"):
+        (b, h, lq, lk, lk2, d), sm_count, _ = SHAPES[name]
+        for dtype, cuda_cores in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False),
+                                  (torch.float16, True)):
+            g = torch.Generator().manual_seed(1)
+            dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
+            tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).double() if s[2] else None
+                       for s in dims]
+            grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
+            # check=True inside: a sanitizer report exits non-zero
+            emulated(exe, tmp_path, tensors, grad, dtype, d ** -0.5, sm_count=sm_count, cuda_cores=cuda_cores)

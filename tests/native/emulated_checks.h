@@ -35,7 +35,7 @@ using Vec = std::vector<X, Aligned<X>>;
 template <typename X>
 Vec<X> poisoned(int64_t n) {
   Vec<X> v(n);
-  std::memset(static_cast<void*>(v.data()), 0xff, n * sizeof(X));
+  if (n > 0) std::memset(static_cast<void*>(v.data()), 0xff, n * sizeof(X));
   return v;
 }
 
