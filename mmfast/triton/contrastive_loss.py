@@ -48,7 +48,7 @@ gradient factor, _fp16_gradient_factor), undone exactly after the GEMMs; bf16 ha
 rounds G directly. Under the interpreter fp16/bf16 operands are widened to fp32 before tl.dot (exact, as the
 GPU's MMA products are): its bf16 dot runs numpy on the raw uint16 bits (garbage), and its fp16 dot is
 numpy's non-BLAS loop (measured 20x slower than fp32 on a 512 x 1024 x 64 tile); G is rounded to fp16/bf16
-there by fp32 arithmetic (_round_fp16, _round_bf16), bit-identical to a rounding cast and ~10x cheaper than
+there by fp32 arithmetic (round_fp16, round_bf16), bit-identical to a rounding cast and ~10x cheaper than
 the interpreter's casts (whose fp32 -> bf16 also truncates instead of rounding), and held in an fp32 buffer.
 """
 from typing import Optional
@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, mm_fp32, optional_scalar, pow2_block)
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block, round_bf16, round_fp16)
 
 
 
@@ -67,25 +67,6 @@ from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_override
 def _safe_max(m):
     """A running max used as an exp() offset: -inf (nothing seen yet) becomes 0 so exp(-inf - 0) = 0."""
     return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _round_bf16(x):
-    """x rounded to bf16 (to nearest even) but kept in fp32, by bit operations: the interpreter's own
-    fp32 -> bf16 cast truncates and runs a per-bit Python loop over tiles holding zeros (40 ms a tile)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN would carry into the sign
-
-
-@triton.jit
-def _round_fp16(x):
-    """x (|x| < 65504) rounded to fp16 but kept in fp32, by fp32 arithmetic: Veltkamp's split keeps 11
-    significant bits; below fp16's smallest normal 2^-14, adding 0.75 (ulp 2^-24) rounds to its subnormal
-    grid. The interpreter's fp32 -> fp16 astype costs ~50 ms a 512 x 1024 tile (measured), this ~5 ms."""
-    c = x * 8193.0  # 2^13 + 1
-    hi = c - (c - x)
-    return tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, hi)
 
 
 @triton.jit
@@ -364,12 +345,12 @@ def _optional_stats(ptr, offs, ok, shift, PRESENT: tl.constexpr, BLOCK: tl.const
 @triton.jit
 def _store_g(ptrs, g, mask, FEATURE_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Store a G tile rounded to the features' dtype. Under the interpreter (UPCAST) the chunk buffer is fp32
-    and holds the rounded values (_round_bf16 / _round_fp16: no interpreter cast, see the top)."""
+    and holds the rounded values (round_bf16 / round_fp16: no interpreter cast, see the top)."""
     if UPCAST:
         if FEATURE_DTYPE == tl.bfloat16:
-            g = _round_bf16(g)
+            g = round_bf16(g)
         else:
-            g = _round_fp16(g)
+            g = round_fp16(g)
     tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 

@@ -49,8 +49,7 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, mm_fp32, optional_scalar, pow2_block)
-from mmfast.triton.contrastive_loss import _round_bf16, _round_fp16
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block, round_bf16, round_fp16)
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 ACT_SOFTMAX: tl.constexpr = tl.constexpr(0)
@@ -472,9 +471,9 @@ def _ds_kernel(g_ptr, p_ptr, delta_ptr, ds_ptr, part_ptr, N, C, s_gm, s_gc, s_pm
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_m, tl.sum(ds, axis=1), mask=row_ok)
     if UPCAST:
         if ROUND_BF16:
-            ds = _round_bf16(ds)
+            ds = round_bf16(ds)
         else:
-            ds = _round_fp16(ds)
+            ds = round_fp16(ds)
     rows = offs_m.to(tl.int64)
     tl.store(ds_ptr + rows[:, None] * C + offs_c[None, :], ds.to(ds_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
