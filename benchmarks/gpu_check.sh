@@ -22,8 +22,9 @@
 #                                                                 -> pytest.log
 #   5. compute-sanitizer memcheck of each CUDA op, tiny shapes    -> sanitizer.log
 #   5b. benchmarks/_tensor_core_ab.py: the CUDA backend with MMFAST_CUDA_TENSOR_CORES=0 against =1 on the issues'
-#      headline shapes (TENSOR_CORE_AB_SECONDS: off by default; give it ~60 s once, to decide whether the
-#      tensor-core kernels become the default)                   -> results/tensor_core_ab.md
+#      headline shapes, to decide whether the tensor-core kernels become the default (TENSOR_CORE_AB_SECONDS,
+#      default 45; 0 skips it; estimated ~30 s: two processes' start-up and 7 cases, NOT run yet)
+#                                                                 -> results/tensor_core_ab.md
 #   6. the card's ceilings: copy bandwidth, GEMM TFLOP/s          -> ceilings.txt
 #   7. python3 -m mmfast bench --quick --device cuda, one op at a time, each under its own cap so that one
 #      slow op cannot starve the rest (BENCH_OPS, "op:seconds" pairs), then a torch.profiler pass over the
@@ -52,8 +53,9 @@ PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # torch's guess from a wrapper nvcc can be wrong (DESIGN.md 8)
 export PATH="$CUDA_HOME/bin:$PATH"
 unset TRITON_INTERPRET  # Triton runs for real here
-# fp16/bf16 cross-attention on the tensor-core kernels (opt-in until this check has validated them on a card):
-# the tests and benches below run them; MMFAST_CUDA_TENSOR_CORES=0 checks the CUDA-core kernels instead.
+# fp16/bf16 on the tensor-core kernels (cross-attention, the fused contrastive-loss tiles, similarity_softmax's dots;
+# opt-in until this check has validated them on a card): the tests and benches below run them;
+# MMFAST_CUDA_TENSOR_CORES=0 checks the CUDA-core kernels and cuBLAS paths instead.
 export MMFAST_CUDA_TENSOR_CORES=${MMFAST_CUDA_TENSOR_CORES:-1}
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
@@ -216,8 +218,8 @@ else
     STATUS+=("sanitizer: SKIPPED (compute-sanitizer not found)")
     echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
 fi
-if [ "${TENSOR_CORE_AB_SECONDS:-0}" -gt 0 ]; then
-    stage tensor-core-ab "${TENSOR_CORE_AB_SECONDS}" "$LOG" "$PY" benchmarks/_tensor_core_ab.py \
+if [ "${TENSOR_CORE_AB_SECONDS:-45}" -gt 0 ]; then
+    stage tensor-core-ab "${TENSOR_CORE_AB_SECONDS:-45}" "$LOG" "$PY" benchmarks/_tensor_core_ab.py --reps 10 \
         --out "$RES/tensor_core_ab.md"
 fi
 stage ceilings 20 "$OUT/ceilings.txt" "$PY" "$TMP/ceilings.py"
