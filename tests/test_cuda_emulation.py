@@ -217,10 +217,12 @@ def test_cuda_siglip_scalar_gradients_emulated_where_the_gpu_missed(loss_driver,
         assert err <= 1e-5, f"{name}: relative error {err:.3e} ({run.stdout})"
 
 
-def test_cuda_similarity_dots_on_tensor_cores_emulated(tmp_path_factory):
-    """similarity_softmax's tensor-core dot products (similarity_dots_fused, opt-in on a GPU) and the softmax
-    epilogue after them, fp16/bf16, against float64: one element, odd sizes (unaligned loads and pair stores, a
-    second row block, a ragged column tile) and a CLIP-like D (~2 s)."""
+def test_cuda_similarity_softmax_kernels_emulated(tmp_path_factory):
+    """similarity_softmax's CUDA kernels against float64: the tensor-core dot products (similarity_dots_fused,
+    opt-in on a GPU) and the softmax epilogue after them, fp16/bf16 (one element, odd sizes: unaligned loads and
+    pair stores, a second row block, a ragged column tile; a CLIP-like D); the row normalization (a zero row), the
+    backward's activation pass (softmax, sigmoid, none) and normalization backward, fp32/fp16/bf16; the top-k
+    forward over uneven column chunks, k = 1, 5, 37 (~25 s)."""
     driver = compile_driver("similarity_softmax_emulated", "similarity_softmax.cu", tmp_path_factory)
     run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

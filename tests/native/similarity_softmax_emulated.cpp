@@ -1,7 +1,8 @@
-// Runs the tensor-core dot products of similarity_softmax (csrc/cuda/similarity_softmax.cu's
-// similarity_dots_fused, through its launcher) on CPU threads with tests/native/cuda_emulation.h, then the
-// softmax epilogue on what they wrote, as similarity_softmax_api.cpp chains them, and checks both against float64
-// references computed here. Run by tests/test_cuda_emulation.py; prints one line per failed check and a summary,
+// Runs csrc/cuda/similarity_softmax.cu's kernels through their launchers on CPU threads with
+// tests/native/cuda_emulation.h and checks them against float64 references computed here: the tensor-core dot
+// products (similarity_dots_fused) and the softmax epilogue on what they wrote, as similarity_softmax_api.cpp chains
+// them; the row normalization; the backward's activation pass and normalization backward; the top-k forward over
+// column chunks. Run by tests/test_cuda_emulation.py; prints one line per failed check and a summary,
 // and exits with 0 only if every check passed.
 #include "cuda_emulation.h"
 #include "emulated_checks.h"
@@ -79,6 +80,170 @@ void run(const Shape& s, unsigned seed) {
   expect_error(worst_p, 1.0, tag + " softmax (error / bound)");
 }
 
+// normalize_rows, activation_backward and normalize_backward on one [n, d] / [n, c] problem in T.
+template <typename T>
+void run_rows(int64_t n, int64_t c, int64_t d, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal;
+  const double u = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, __half> ? 0x1p-11 : 0x1p-8;
+  // fp16's subnormals (below 2^-14) round to a fixed grid of 2^-24: an absolute error of up to half of it.
+  const double tiny = std::is_same_v<T, __half> ? 0x1p-25 : 0.0;
+  const double largest = std::is_same_v<T, __half> ? 65504.0 : 3.0e38;
+  const std::string tag = std::string(name_of<T>()) + " rows " + std::to_string(n) + "x" + std::to_string(c) + " D" +
+                          std::to_string(d);
+  // normalize_rows: the last row is zero (inv = 1 / eps, its copy 0).
+  Vec<T> src(n * d);
+  for (int64_t k = 0; k < n * d; ++k) src[k] = kc::from_float<T>(k >= (n - 1) * d ? 0.f : 2.f * normal(gen));
+  Vec<float> inv = poisoned<float>(n);
+  Vec<T> x = poisoned<T>(n * d);
+  const float eps = 1e-12f;
+  launched(kc::normalize_rows(dtype_of<T>(), src.data(), n, d, inv.data(), true, eps, x.data(), nullptr));
+  double worst_inv = 0, worst_x = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double ss = 0;
+    for (int64_t k = 0; k < d; ++k) ss += std::pow(double(kc::to_float(src[i * d + k])), 2);
+    const double want = 1 / std::max(std::sqrt(ss), double(eps));
+    worst_inv = std::max(worst_inv, std::abs(inv[i] - want) / want);
+    for (int64_t k = 0; k < d; ++k) {
+      const double xw = kc::to_float(src[i * d + k]) * want;
+      // the product's rounding to T and inv's own rounding to fp32
+      worst_x = std::max(worst_x, std::abs(kc::to_float(x[i * d + k]) - xw) / ((u + 0x1p-24) * std::abs(xw) + 1e-30));
+    }
+  }
+  expect_error(worst_inv, 0x1p-21, tag + " normalize_rows inv");
+  expect_error(worst_x, 1.0, tag + " normalize_rows copy (error / bound)");
+
+  // activation_backward: p a softmax row rounded to T, g random.
+  Vec<T> g(n * c), p(n * c);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> l(c);
+    double m = -INFINITY, sum = 0;
+    for (auto& v : l) m = std::max(m, v = 3.0 * normal(gen));
+    for (double v : l) sum += std::exp(v - m);
+    for (int64_t j = 0; j < c; ++j) {
+      p[i * c + j] = kc::from_float<T>(float(std::exp(l[j] - m) / sum));
+      g[i * c + j] = kc::from_float<T>(normal(gen));
+    }
+  }
+  for (const kc::Act act : {kc::Act::kSoftmax, kc::Act::kSigmoid, kc::Act::kNone}) {
+    const char* name = act == kc::Act::kSoftmax ? "softmax" : act == kc::Act::kSigmoid ? "sigmoid" : "none";
+    Vec<T> ds = poisoned<T>(act == kc::Act::kNone ? 0 : n * c);
+    Vec<float> row_sum = poisoned<float>(n);
+    launched(kc::activation_backward(dtype_of<T>(), g.data(), p.data(), data_or_null(ds), n, c, act, row_sum.data(),
+                                     1 << 20, nullptr));
+    double worst = 0, worst_sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      double delta = 0, sum = 0, size = 0;
+      for (int64_t j = 0; j < c; ++j) delta += double(kc::to_float(g[i * c + j])) * kc::to_float(p[i * c + j]);
+      for (int64_t j = 0; j < c; ++j) {
+        const double gv = kc::to_float(g[i * c + j]), pv = kc::to_float(p[i * c + j]);
+        const double want = act == kc::Act::kSoftmax ? pv * (gv - delta) : act == kc::Act::kSigmoid ? gv * pv * (1 - pv)
+                                                                                                   : gv;
+        // rounding of ds to T, and fp32 delta (c terms) inside the product
+        const double bound =
+            u * std::abs(want) + 0x1p-22 * std::abs(pv) * (std::abs(gv) + std::abs(delta) + c * 0x1p-2) + tiny;
+        if (act != kc::Act::kNone) worst = std::max(worst, std::abs(kc::to_float(ds[i * c + j]) - want) / bound);
+        sum += want;
+        size += std::abs(want);
+      }
+      worst_sum = std::max(worst_sum, std::abs(row_sum[i] - sum) / (size + 1e-30));
+    }
+    if (act != kc::Act::kNone) expect_error(worst, 1.0, tag + " activation_backward " + name + " ds (error / bound)");
+    expect_error(worst_sum, act == kc::Act::kNone ? 0x1p-20 : 4 * u, tag + " activation_backward " + name + " row sums");
+  }
+
+  // normalize_backward: grad_unit G fp32 random; with and without normalize.
+  Vec<float> G(n * d);
+  for (float& v : G) v = normal(gen);
+  const float scale = 3.f;
+  for (const bool normalize : {true, false}) {
+    Vec<T> grad = poisoned<T>(n * d);
+    Vec<float> row_dot = poisoned<float>(n);
+    launched(kc::normalize_backward(dtype_of<T>(), G.data(), src.data(), inv.data(), n, d, &scale, normalize, eps,
+                                    grad.data(), row_dot.data(), nullptr));
+    double worst = 0, worst_dot = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double iv = normalize ? inv[i] : 1.0;
+      double xg = 0, xg_size = 0, ss = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const double xv = kc::to_float(src[i * d + k]) * iv;
+        xg += xv * G[i * d + k];
+        xg_size += std::abs(xv * G[i * d + k]);
+        ss += std::pow(double(kc::to_float(src[i * d + k])), 2);
+      }
+      const bool project = normalize && std::sqrt(ss) >= eps;
+      for (int64_t k = 0; k < d; ++k) {
+        const double xv = kc::to_float(src[i * d + k]) * iv;
+        const double want = scale * iv * (G[i * d + k] - (project ? xv * xg : 0.0));
+        const double got = kc::to_float(grad[i * d + k]);
+        if (std::abs(want) > largest) {  // beyond T's range (fp16, the zero row's 1 / eps): infinite, same sign
+          worst = std::isinf(got) && (got > 0) == (want > 0) ? worst : INFINITY;
+          continue;
+        }
+        const double bound =
+            u * std::abs(want) + 0x1p-20 * scale * iv * (std::abs(G[i * d + k]) + std::abs(xv) * xg_size) + tiny;
+        worst = std::max(worst, std::abs(got - want) / bound);
+      }
+      worst_dot = std::max(worst_dot, std::abs(row_dot[i] - xg) / (xg_size + 1e-30));
+    }
+    const std::string what = tag + " normalize_backward" + (normalize ? "" : " (no normalize)");
+    expect_error(worst, 1.0, what + " grad (error / bound)");
+    expect_error(worst_dot, 0x1p-20, what + " row_dot");
+  }
+}
+
+// Top-k forward over column chunks: topk_merge_chunk per chunk of the fp32 dots, then topk_finalize (softmax), against
+// float64: the k best classes (exact), their probabilities and the row log-sum-exp.
+template <typename T>
+void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal;
+  const double u = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, __half> ? 0x1p-11 : 0x1p-8;
+  const std::string tag = std::string(name_of<T>()) + " top-" + std::to_string(k) + " " + std::to_string(n) + "x" +
+                          std::to_string(c) + " W" + std::to_string(width);
+  std::vector<float> dots(n * c);
+  for (float& v : dots) v = normal(gen);
+  const float scale = 10.f, bias = -1.f;
+  Vec<uint64_t> keys = poisoned<uint64_t>(n * k);
+  Vec<float> row_max = poisoned<float>(n), row_sum = poisoned<float>(n), chunk = poisoned<float>(n * width);
+  for (int64_t c0 = 0; c0 < c; c0 += width) {
+    const int64_t w = std::min(width, c - c0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < w; ++j) chunk[i * w + j] = dots[i * c + c0 + j];
+    launched(kc::topk_merge_chunk(chunk.data(), n, w, c0, &scale, &bias, k, keys.data(), row_max.data(),
+                                  row_sum.data(), nullptr));
+  }
+  Vec<T> values = poisoned<T>(n * k);
+  Vec<int64_t> indices(n * k, -1);
+  Vec<float> lse = poisoned<float>(n);
+  launched(kc::topk_finalize(dtype_of<T>(), keys.data(), row_max.data(), row_sum.data(), n, k, kc::Act::kSoftmax,
+                             values.data(), indices.data(), lse.data(), nullptr));
+  bool same = true;
+  double worst_v = 0, worst_lse = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<std::pair<double, int64_t>> row(c);
+    double m = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      // the kernel's logit: fmaf(scale, dot, bias) in fp32
+      row[j] = {std::fmaf(scale, dots[i * c + j], bias), j};
+      m = std::max(m, row[j].first);
+    }
+    for (const auto& e : row) sum += std::exp(e.first - m);
+    const double want_lse = m + std::log(sum);
+    worst_lse = std::max(worst_lse, std::abs(lse[i] - want_lse) / std::max(1.0, std::abs(want_lse)));
+    std::partial_sort(row.begin(), row.begin() + k, row.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    for (int t = 0; t < k; ++t) {
+      same = same && indices[i * k + t] == row[t].second;
+      const double p = std::exp(row[t].first - want_lse);
+      worst_v = std::max(worst_v, std::abs(kc::to_float(values[i * k + t]) - p) / (2 * u * p + 1e-6 * p + 1e-30));
+    }
+  }
+  expect(same, tag + " indices");
+  expect_error(worst_v, 1.0, tag + " values (error / bound)");
+  expect_error(worst_lse, 1e-6, tag + " row_lse");
+}
+
 }  // namespace
 
 int main() {
@@ -92,6 +257,15 @@ int main() {
   run<__nv_bfloat16>({130, 129, 9, 20.f, -1.f}, 4);
   run<__half>({37, 301, 200, 100.f, 0.f}, 5);
   run<__nv_bfloat16>({64, 256, 64, 4.f, 2.f}, 6);
+  // Rows: odd sizes (ragged vectors, a zero row), one row, and a row past one block's cached width.
+  run_rows<float>(5, 37, 13, 7);
+  run_rows<__half>(5, 37, 13, 8);
+  run_rows<__nv_bfloat16>(3, 1001, 200, 9);
+  run_rows<float>(1, 1, 1, 10);
+  // Top-k: k of 1, 5 and a chunk narrower than k's sort buffer; the chunks split the classes unevenly.
+  run_topk<float>(4, 300, 128, 5, 11);
+  run_topk<__half>(3, 1001, 256, 1, 12);
+  run_topk<__nv_bfloat16>(2, 130, 64, 37, 13);
   std::printf("similarity_softmax_emulated: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
