@@ -522,8 +522,10 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 // clip_backward_tile / siglip_tile with the chunk's dots made by stripe_dots (as clip_forward_fused_kernel:
 // 64-row stripes x 64-column tiles) instead of read from cuBLAS's fp32 scratch. A lane's elements are rows
 // g, g + 8 of its warp's 16 and columns 8j + 2t, 8j + 2t + 1 of the tile; dX goes out as one 4-byte pair where
-// aligned (store_pair). Per-row sums: fp32 over a tile's 16 elements of the lane, fp64 across tiles, then the row's 4 lanes
-// in a fixed order (xor 1, then 2); the chunk's sum is added to the row's running one as the row kernels do.
+// aligned (store_pair). Per-row sums: fp32 over a tile's 16 elements of the lane, fp64 across tiles, then the
+// row's 4 lanes in a fixed order (xor 1, then 2); the chunk's sum is added to the row's running one as the row
+// kernels do.
+
 // The row's 4 lanes (t = 0..3 of one g) in a fixed order; every lane gets the sum.
 __device__ __forceinline__ double quad_sum_f64(double v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -592,7 +594,8 @@ template <typename T>
 __global__ void __launch_bounds__(kFusedThreads)
     clip_backward_fused_kernel(const T* __restrict__ rows, const T* __restrict__ cols, int64_t n_rows, int64_t d,
                                int64_t width, int64_t c0, const float* __restrict__ scale_p,
-                               const float* __restrict__ bias_p, int64_t label_offset, const float* __restrict__ row_lse,
+                               const float* __restrict__ bias_p, int64_t label_offset,
+                               const float* __restrict__ row_lse,
                                const float* __restrict__ col_lse, const float* __restrict__ grad_row,
                                const float* __restrict__ grad_col, const float* __restrict__ grad_pos,
                                const float* __restrict__ factor_p, T* __restrict__ dx, double* __restrict__ row_gdot,
@@ -733,22 +736,7 @@ cudaError_t clip_forward_cols(const float* dots, int64_t rows, int64_t width, co
   return cudaGetLastError();
 }
 
-// launch(T{}) for fp16/bf16 and its launch error; fp32 stays on cuBLAS (exact, no TF32): invalid here.
-template <typename Launch>
-cudaError_t launch_fused(DType dtype, Launch&& launch) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    if constexpr (std::is_same_v<decltype(tag), float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      launch(tag);
-      return cudaGetLastError();
-    }
-  });
-}
-
-bool fused_tiles_supported(DType dtype) {
-  return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
-}
+bool fused_tiles_supported(DType dtype) { return tensor_core_dtype(dtype); }
 
 cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, int64_t n_rows, int64_t d,
                                int64_t width, int64_t c0, const float* scale, const float* bias, int64_t label_offset,
@@ -758,7 +746,7 @@ cudaError_t clip_forward_fused(DType dtype, const void* rows, const void* cols, 
   const int64_t stripes = clip_fused_stripes(n_rows);
   float* part_max = partial;
   float* part_sum = partial + stripes * width;
-  const cudaError_t e = launch_fused(dtype, [&](auto tag) {
+  const cudaError_t e = dispatch_tensor_core_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     MMFAST_LAUNCH(clip_forward_fused_kernel<T>, grid(stripes), kFusedThreads, 0, stream, static_cast<const T*>(rows),
                   static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias, label_offset, first, last,
@@ -776,7 +764,7 @@ cudaError_t clip_backward_fused(DType dtype, const void* rows, const void* cols,
                                 const float* grad_col, const float* grad_pos, const float* factor, void* dx,
                                 double* row_gdot, double* row_g, bool first, cudaStream_t stream) {
   if (n_rows == 0 || width == 0) return cudaSuccess;
-  return launch_fused(dtype, [&](auto tag) {
+  return dispatch_tensor_core_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     MMFAST_LAUNCH(clip_backward_fused_kernel<T>, grid(clip_fused_stripes(n_rows)), kFusedThreads, 0, stream,
                   static_cast<const T*>(rows), static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias,
@@ -789,7 +777,7 @@ cudaError_t siglip_fused(DType dtype, const void* rows, const void* cols, int64_
                          int64_t c0, const float* scale, const float* bias, bool has_positives, const float* factor,
                          void* dx, double* row_loss, double* row_gdot, double* row_g, bool first, cudaStream_t stream) {
   if (n_rows == 0 || width == 0) return cudaSuccess;
-  return launch_fused(dtype, [&](auto tag) {
+  return dispatch_tensor_core_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     MMFAST_LAUNCH(siglip_fused_kernel<T>, grid(clip_fused_stripes(n_rows)), kFusedThreads, 0, stream,
                   static_cast<const T*>(rows), static_cast<const T*>(cols) + c0 * d, n_rows, d, width, c0, scale, bias,

@@ -777,9 +777,7 @@ int64_t attention_smem_bytes(int64_t head_dim) {
   return e == cudaSuccess ? static_cast<int64_t>(floats) * static_cast<int64_t>(sizeof(float)) : int64_t{-1};
 }
 
-bool attention_tensor_cores(DType dtype) {
-  return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
-}
+bool attention_tensor_cores(DType dtype) { return tensor_core_dtype(dtype); }
 
 int64_t device_smem_limit() { return max_dynamic_smem(); }
 

@@ -560,23 +560,17 @@ cudaError_t normalize_rows(DType dtype, const void* src, int64_t rows, int64_t d
 }
 
 bool similarity_dots_fused_supported(DType dtype, int64_t cols) {
-  return dtype != DType::kFloat32 && (cols + kDotTile - 1) / kDotTile <= 65535 &&
-         cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
+  return (cols + kDotTile - 1) / kDotTile <= 65535 && tensor_core_dtype(dtype);  // grid.y: column tiles
 }
 
 cudaError_t similarity_dots_fused(DType dtype, const void* x, const void* y, int64_t rows, int64_t cols, int64_t dim,
                                   void* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_tensor_core_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;  // fp32 stays on cuBLAS (exact; no TF32)
-    } else {
-      const dim3 blocks(grid((rows + kDotTile - 1) / kDotTile), grid((cols + kDotTile - 1) / kDotTile));
-      MMFAST_LAUNCH(similarity_dots_kernel<T>, blocks, kDotThreads, 0, stream, static_cast<const T*>(x),
-                    static_cast<const T*>(y), rows, cols, dim, static_cast<T*>(out));
-      return cudaGetLastError();
-    }
+    const dim3 blocks(grid((rows + kDotTile - 1) / kDotTile), grid((cols + kDotTile - 1) / kDotTile));
+    MMFAST_LAUNCH(similarity_dots_kernel<T>, blocks, kDotThreads, 0, stream, static_cast<const T*>(x),
+                  static_cast<const T*>(y), rows, cols, dim, static_cast<T*>(out));
   });
 }
 

@@ -42,9 +42,10 @@ inline at::Tensor scalar_arg(const at::Tensor& value, const char* name, const at
   return value.reshape({}).to(at::kFloat).contiguous();
 }
 
-// The tensor-core kernels (cross-attention, the fused contrastive-loss tiles) are opt-in with MMFAST_CUDA_TENSOR_CORES=1
-// until a GPU run has validated them (benchmarks/gpu_check.sh sets it; the emulator tests them in CI);
-// otherwise the kernels the H200 run of 2026-12-04 validated serve every dtype. Read once per process.
+// The tensor-core kernels (cross-attention, the fused contrastive-loss tiles, similarity_softmax's dot products)
+// are opt-in with MMFAST_CUDA_TENSOR_CORES=1 until a GPU run has validated them (benchmarks/gpu_check.sh sets it;
+// the emulator tests them in CI); otherwise the kernels the H200 run of 2026-12-04 validated serve every dtype.
+// Read once per process.
 inline bool tensor_cores_opted_in() {
   static const bool opted_in = [] {
     const char* v = std::getenv("MMFAST_CUDA_TENSOR_CORES");

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "mmfast/cuda_types.h"
 
@@ -51,6 +52,26 @@ int cached_device_attribute(int fallback) {
     cache[dev].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+// Whether dtype's products can run on the current device's tensor cores (mma.sync: fp16/bf16 on sm_80+; fp32
+// stays exact on the CUDA cores or cuBLAS, no TF32).
+inline bool tensor_core_dtype(DType dtype) {
+  return dtype != DType::kFloat32 && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 8;
+}
+
+// launch(T{}) with T = __half or __nv_bfloat16 per dtype, then the launch's error; fp32 has no tensor-core kernel:
+// cudaErrorInvalidValue.
+template <typename Launch>
+cudaError_t dispatch_tensor_core_dtype(DType dtype, Launch&& launch) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      launch(tag);
+      return cudaGetLastError();
+    }
+  });
 }
 
 // Opt-in shared-memory limit per block of the current device.
