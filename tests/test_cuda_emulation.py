@@ -121,6 +121,18 @@ SHAPES = {
 }
 
 
+def attention_inputs(shape, dtype, seed):
+    """(q, k, v, k2, v2) and the output gradient of shape (B, H, Lq, Lk, Lk2, d), random and rounded to dtype
+    first (kernel and references see the same numbers), held in float64; k2, v2 None when Lk2 = 0."""
+    b, h, lq, lk, lk2, d = shape
+    g = torch.Generator().manual_seed(seed)
+    dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64) if s[2] else None for s in dims]
+    tensors = [None if t is None else t.to(dtype).double() for t in tensors]
+    grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
+    return tensors, grad
+
+
 # fp32 runs on the CUDA cores; fp16/bf16 on the tensor cores (sm_80+) and, on older GPUs, the CUDA cores.
 KERNELS = [pytest.param(torch.float32, False, id="fp32"),
            pytest.param(torch.float16, False, id="fp16-mma"), pytest.param(torch.bfloat16, False, id="bf16-mma"),
@@ -132,12 +144,7 @@ KERNELS = [pytest.param(torch.float32, False, id="fp32"),
 @pytest.mark.parametrize("dtype, cuda_cores", KERNELS)
 def test_cuda_cross_attention_kernels_emulated(harness, tmp_path, dtype, cuda_cores, shape, sm_count, splits):
     b, h, lq, lk, lk2, d = shape
-    g = torch.Generator().manual_seed(sum(shape))
-    dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
-    tensors = [torch.randn(s, generator=g, dtype=torch.float64) if s[2] else None for s in dims]
-    # Inputs rounded to dtype first: kernel and references see the same numbers.
-    tensors = [None if t is None else t.to(dtype).double() for t in tensors]
-    grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
+    tensors, grad = attention_inputs(shape, dtype, seed=sum(shape))
     scale = d ** -0.5
     out, lse, grads, used_splits = emulated(harness, tmp_path, tensors, grad, dtype, scale, sm_count=sm_count,
                                             cuda_cores=cuda_cores)
@@ -233,8 +240,10 @@ def sanitizer_usable(tmp_path) -> bool:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     probe = tmp_path / "probe.cpp"
     probe.write_text("int main() { return 0; }\n")
-    return compiler is not None and subprocess.run([compiler, *SANITIZE_FLAGS, str(probe), "-o", str(tmp_path / "probe")],
-                                                   capture_output=True).returncode == 0
+    if compiler is None:
+        return False
+    built = subprocess.run([compiler, *SANITIZE_FLAGS, str(probe), "-o", str(tmp_path / "probe")], capture_output=True)
+    return built.returncode == 0
 
 
 @pytest.mark.parametrize("driver", ["contrastive_loss", "similarity_softmax", "cross_attention"])
@@ -252,13 +261,9 @@ def test_emulated_kernels_under_address_sanitizer(driver, tmp_path, tmp_path_fac
         return
     exe = compile_driver("cross_attention_emulated", "cross_attention.cu", tmp_path_factory, sanitize=True)
     for name in ("ragged-two-segments", "split-k-across-segments", "d96-k2"):
-        (b, h, lq, lk, lk2, d), sm_count, _ = SHAPES[name]
+        shape, sm_count, _ = SHAPES[name]
         for dtype, cuda_cores in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False),
                                   (torch.float16, True)):
-            g = torch.Generator().manual_seed(1)
-            dims = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)] + [(b, h, lk2, d)] * 2
-            tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).double() if s[2] else None
-                       for s in dims]
-            grad = torch.randn((b, h, lq, d), generator=g, dtype=torch.float64).to(dtype).double()
+            tensors, grad = attention_inputs(shape, dtype, seed=1)
             # check=True inside: a sanitizer report exits non-zero
-            emulated(exe, tmp_path, tensors, grad, dtype, d ** -0.5, sm_count=sm_count, cuda_cores=cuda_cores)
+            emulated(exe, tmp_path, tensors, grad, dtype, shape[-1] ** -0.5, sm_count=sm_count, cuda_cores=cuda_cores)

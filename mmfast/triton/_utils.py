@@ -127,3 +127,16 @@ def round_fp16(x):
     c = x * 8193.0  # 2^13 + 1
     hi = c - (c - x)
     return tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, hi)
+
+
+@triton.jit
+def store_rounded(ptrs, x, mask, ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """Store an fp32 tile rounded to the features' dtype (bf16 when ROUND_BF16, else fp16, or fp32 itself). Under
+    the interpreter (UPCAST: half-precision features) ptrs is an fp32 buffer that holds the rounded values: no
+    interpreter cast."""
+    if UPCAST:
+        if ROUND_BF16:
+            x = round_bf16(x)
+        else:
+            x = round_fp16(x)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)

@@ -48,7 +48,7 @@ gradient factor, _fp16_gradient_factor), undone exactly after the GEMMs; bf16 ha
 rounds G directly. Under the interpreter fp16/bf16 operands are widened to fp32 before tl.dot (exact, as the
 GPU's MMA products are): its bf16 dot runs numpy on the raw uint16 bits (garbage), and its fp16 dot is
 numpy's non-BLAS loop (measured 20x slower than fp32 on a 512 x 1024 x 64 tile); G is rounded to fp16/bf16
-there by fp32 arithmetic (round_fp16, round_bf16), bit-identical to a rounding cast and ~10x cheaper than
+there by fp32 arithmetic (_utils.round_fp16, round_bf16), bit-identical to a rounding cast and ~10x cheaper than
 the interpreter's casts (whose fp32 -> bf16 also truncates instead of rounding), and held in an fp32 buffer.
 """
 from typing import Optional
@@ -58,8 +58,7 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, mm_fp32, optional_scalar, pow2_block, round_bf16, round_fp16)
-
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block, store_rounded)
 
 
 # ---- shared device functions ---------------------------------------------------------------------
@@ -343,18 +342,6 @@ def _optional_stats(ptr, offs, ok, shift, PRESENT: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _store_g(ptrs, g, mask, FEATURE_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Store a G tile rounded to the features' dtype. Under the interpreter (UPCAST) the chunk buffer is fp32
-    and holds the rounded values (round_bf16 / round_fp16: no interpreter cast, see the top)."""
-    if UPCAST:
-        if FEATURE_DTYPE == tl.bfloat16:
-            g = round_bf16(g)
-        else:
-            g = round_fp16(g)
-    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _grad_tile_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_ptr, gc_ptr, gp_ptr, factor_ptr,
                       g_ptr, stats_ptr, Bi, Bt, D, label_offset, c0, W, TILES, s_rm, s_rd, s_cn, s_cd,
                       SIGLIP: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GR: tl.constexpr,
@@ -392,8 +379,8 @@ def _grad_tile_kernel(r_ptr, c_ptr, scale_ptr, bias_ptr, rlse_ptr, clse_ptr, gr_
     if HAS_FACTOR:
         g = g * tl.load(factor_ptr)
     rows = offs_m.to(tl.int64)
-    _store_g(g_ptr + rows[:, None] * W + (offs_n - c0)[None, :], g, m_ok[:, None] & n_ok[None, :],
-             r_ptr.dtype.element_ty, UPCAST)
+    store_rounded(g_ptr + rows[:, None] * W + (offs_n - c0)[None, :], g, m_ok[:, None] & n_ok[None, :],
+                  r_ptr.dtype.element_ty == tl.bfloat16, UPCAST)
 
 
 # ---- SigLIP loss without gradients ---------------------------------------------------------------
@@ -531,6 +518,7 @@ def _clip_forward(rows, cols, scale, bias, label_offset: int):
 # backend's fp32 scratch. At Bi = Bt = 65536 in bf16 that is W = 2048, 32 chunks of 2 x 206 GFLOP of cuBLAS
 # GEMMs each (NOT timed on a GPU yet).
 GRAD_CHUNK_BYTES = 1 << 28
+
 
 def _fp16_gradient_factor(bound: torch.Tensor) -> torch.Tensor:
     """2^(12 - e) for the bound < 2^e on |G| (1 for 0, inf or NaN), on the device (no host sync): the CUDA

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from mmfast.triton._utils import (INTERPRET, MIN_DOT_BLOCK, apply_block_overrides, check_feature_pair, device_guard,
-                                  dot_precision, mm_fp32, optional_scalar, pow2_block, round_bf16, round_fp16)
+                                  dot_precision, mm_fp32, optional_scalar, pow2_block, store_rounded)
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 ACT_SOFTMAX: tl.constexpr = tl.constexpr(0)
@@ -469,14 +469,9 @@ def _ds_kernel(g_ptr, p_ptr, delta_ptr, ds_ptr, part_ptr, N, C, s_gm, s_gc, s_pm
                   g_ptr, g_ptr, delta, delta, 1.0, 0.0, 0, 0, 0, 0, 0,
                   ACT, False, False, BLOCK_M, BLOCK_C, 16, "ieee")
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_m, tl.sum(ds, axis=1), mask=row_ok)
-    if UPCAST:
-        if ROUND_BF16:
-            ds = round_bf16(ds)
-        else:
-            ds = round_fp16(ds)
     rows = offs_m.to(tl.int64)
-    tl.store(ds_ptr + rows[:, None] * C + offs_c[None, :], ds.to(ds_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_rounded(ds_ptr + rows[:, None] * C + offs_c[None, :], ds, row_ok[:, None] & col_ok[None, :], ROUND_BF16,
+                  UPCAST)
 
 
 # ---- top-k backward GEMMs (the logits recomputed per tile) ---------------------------------------
@@ -664,17 +659,21 @@ def _dense_gradients(image, text, inv_i, inv_t, act: int, g, p, delta):
     reading those two N x C matrices 2 * D / 256 times: the H200's 0.40x-eager backward at fp16 N=4096, C=21843."""
     n, c = g.shape
     upcast = INTERPRET and image.dtype != torch.float32
-    bm, bc = (64, 1024) if INTERPRET else (32, 128)  # an elementwise pass; NOT tuned on a GPU
-    bm, bc = pow2_block(n, 16, bm), pow2_block(c, 16, bc)
-    ds = torch.empty(n, c, device=image.device, dtype=torch.float32 if upcast else image.dtype)
-    part = torch.empty(triton.cdiv(c, bc), n, device=image.device, dtype=torch.float32)
-    _ds_kernel[(triton.cdiv(n, bm), triton.cdiv(c, bc))](
-        g, p, inv_i if delta is None else delta, ds, part, n, c, g.stride(0), g.stride(1), p.stride(0), p.stride(1),
-        ACT=act, BLOCK_M=bm, BLOCK_C=bc, ROUND_BF16=image.dtype == torch.bfloat16, UPCAST=upcast)
+    if act == ACTIVATIONS["none"] and not upcast and g.dtype == image.dtype:
+        ds, ds_rowsum = g, g.sum(1, dtype=torch.float32)  # ds is grad_out itself (as in the CUDA backend)
+    else:
+        bm, bc = (64, 1024) if INTERPRET else (32, 128)  # an elementwise pass; NOT tuned on a GPU
+        bm, bc = pow2_block(n, 16, bm), pow2_block(c, 16, bc)
+        ds = torch.empty(n, c, device=image.device, dtype=torch.float32 if upcast else image.dtype)
+        part = torch.empty(triton.cdiv(c, bc), n, device=image.device, dtype=torch.float32)
+        _ds_kernel[(triton.cdiv(n, bm), triton.cdiv(c, bc))](
+            g, p, inv_i if delta is None else delta, ds, part, n, c, g.stride(0), g.stride(1), p.stride(0),
+            p.stride(1), ACT=act, BLOCK_M=bm, BLOCK_C=bc, ROUND_BF16=image.dtype == torch.bfloat16, UPCAST=upcast)
+        ds_rowsum = part.sum(0)
     # The normalized operands, rounded to the features' dtype as the former kernels made them per tile.
     x = (image.float() * inv_i[:, None]).to(image.dtype)
     y = (text.float() * inv_t[:, None]).to(text.dtype)
-    return mm_fp32(ds, y), mm_fp32(ds.t(), x), part.sum(0)
+    return mm_fp32(ds, y), mm_fp32(ds.t(), x), ds_rowsum
 
 
 def _backward(image, text, inv_i, inv_t, scale, bias, act: int, normalize: bool, *, g, p, delta,

@@ -122,7 +122,8 @@ struct Block {
 template <typename T>
 struct AlignedFeatures {
   Vec<T> rows, cols;
-  explicit AlignedFeatures(const Block<T>& b) : rows(b.rows.begin(), b.rows.end()), cols(b.cols.begin(), b.cols.end()) {}
+  explicit AlignedFeatures(const Block<T>& b)
+      : rows(b.rows.begin(), b.rows.end()), cols(b.cols.begin(), b.cols.end()) {}
 };
 
 // ---- CLIP forward -------------------------------------------------------------------------------------

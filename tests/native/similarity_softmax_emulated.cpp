@@ -149,7 +149,8 @@ void run_rows(int64_t n, int64_t c, int64_t d, unsigned seed) {
       worst_sum = std::max(worst_sum, std::abs(row_sum[i] - sum) / (size + 1e-30));
     }
     if (act != kc::Act::kNone) expect_error(worst, 1.0, tag + " activation_backward " + name + " ds (error / bound)");
-    expect_error(worst_sum, act == kc::Act::kNone ? 0x1p-20 : 4 * u, tag + " activation_backward " + name + " row sums");
+    expect_error(worst_sum, act == kc::Act::kNone ? 0x1p-20 : 4 * u,
+                 tag + " activation_backward " + name + " row sums");
   }
 
   // normalize_backward: grad_unit G fp32 random; with and without normalize.
@@ -231,8 +232,9 @@ void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
     for (const auto& e : row) sum += std::exp(e.first - m);
     const double want_lse = m + std::log(sum);
     worst_lse = std::max(worst_lse, std::abs(lse[i] - want_lse) / std::max(1.0, std::abs(want_lse)));
-    std::partial_sort(row.begin(), row.begin() + k, row.end(),
-                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    std::partial_sort(row.begin(), row.begin() + k, row.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
     for (int t = 0; t < k; ++t) {
       same = same && indices[i * k + t] == row[t].second;
       const double p = std::exp(row[t].first - want_lse);
