@@ -12,6 +12,9 @@
 #include <string>
 
 #include "mmfast/operators.h"
+#ifdef MMFAST_WITH_CUDA
+#include "mmfast/sam_attention_cuda.h"
+#endif
 #endif
 
 #ifdef _OPENMP
@@ -82,6 +85,20 @@ TORCH_LIBRARY(mmfast, m) {
         "bool compute_grad) "
         "-> (Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_logit_scale, Tensor grad_logit_bias)");
   // ---- end contrastive losses ----
+
+  // ---- SAM's fused cross-attention blocks (mmfast/ops/sam_attention.py; forward only, no autograd) ----
+  // LayerNorm(residual + attention + out_proj) of a mask-decoder cross-attention in one kernel, on the folded
+  // operands of sam_attention's rearrangements (math in csrc/include/mmfast/sam_attention_cuda.h). Batch-1
+  // x / residual (image -> token) and k / v (token -> image) are shared by every batch entry.
+  // image -> token: x [B|1, L, C], key_folded [B, H*keys, C], key_bias [B, H*keys], value_folded [B, H*keys, Co],
+  // residual [B|1, L, Co] -> [B, L, Co].
+  m.def("sam_image_to_token(Tensor x, Tensor key_folded, Tensor key_bias, Tensor value_folded, Tensor residual, "
+        "Tensor norm_weight, Tensor norm_bias, float eps, int keys_per_head) -> Tensor");
+  // token -> image: query_folded [B, H*Lq, C] (row h*Lq + l, scale folded in), query_bias [B, H*Lq],
+  // k / v [B|1, L, C], v_weight [H*d, C], out_weight [Co, H*d], residual [B, Lq, Co] -> [B, Lq, Co].
+  m.def("sam_token_to_image(Tensor query_folded, Tensor query_bias, Tensor k, Tensor v, Tensor v_weight, "
+        "Tensor v_bias, Tensor out_weight, Tensor out_bias, Tensor residual, Tensor norm_weight, Tensor norm_bias, "
+        "float eps, int heads) -> Tensor");
 }
 
 #ifndef MMFAST_NO_PYTHON
@@ -94,6 +111,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_compiled") = false;
   m.attr("cuda_archs") = "";
+#endif
+#ifdef MMFAST_WITH_CUDA
+  // Shared memory the fused SAM blocks need (mmfast/ops/sam_attention.py compares it with the device's opt-in
+  // limit and runs the unfused arrangement where it does not fit).
+  m.def("sam_image_to_token_smem_bytes", [](int64_t heads, int64_t keys, int64_t channels, int64_t out_channels) {
+    return mmfast::cuda::image_to_token_smem_bytes({1, 1, channels, out_channels, heads, keys});
+  });
+  m.def("sam_token_to_image_smem_bytes", [](int64_t heads, int64_t queries, int64_t channels, int64_t head_dim,
+                                            int64_t out_channels) {
+    return mmfast::cuda::token_to_image_smem_bytes({1, queries, 1, channels, heads, head_dim, out_channels});
+  });
 #endif
   m.def("openmp_threads", []() {
 #ifdef _OPENMP

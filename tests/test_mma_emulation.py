@@ -288,3 +288,12 @@ def test_similarity_dots_kernel_compiles_for_sm90a_without_spills(tmp_path):
     for dtype in ("6__half", "13__nv_bfloat16"):
         assert_compiled_without_spills(kernels, rf"\d+similarity_dots_kernelI{dtype}E",
                                        f"similarity_dots_kernel<{dtype.lstrip('0123456789')}>")
+
+
+def test_sam_attention_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """csrc/cuda/sam_attention.cu for sm_90a: the fused SAM blocks (image -> token, token -> image) for every dtype
+    keep their per-thread scores (<= 16 per head) and partial rows (<= 64 per channel) in registers. ~15 s."""
+    kernels = ptxas_report(ROOT / "csrc" / "cuda" / "sam_attention.cu", tmp_path)
+    for name in ("image_to_token_kernel", "token_to_image_kernel"):
+        for dtype in ("f", "6__half", "13__nv_bfloat16"):
+            assert_compiled_without_spills(kernels, rf"\d+{name}I{dtype}E", f"{name}<{dtype.lstrip('0123456789')}>")

@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 
+import mmfast
+
 from conftest import DEVICES, assert_close_to_reference, backend_device_params, rel_err
 from mmfast.nn import sam_attention as fused
 from mmfast.ops import cross_attention as ca
@@ -341,3 +343,158 @@ def test_two_way_transformer_under_autocast(shared):
     for i, (o, o_ref, o64) in enumerate(zip(out, out_ref, out64)):
         assert o.dtype == o_ref.dtype, f"output {i}: {o.dtype} under autocast, upstream gives {o_ref.dtype}"
         assert rel_err(o, o64) <= max(2 * rel_err(o_ref, o64), 1e-3), f"output {i}"
+
+
+# ---- the fused CUDA blocks (mmfast::sam_image_to_token / sam_token_to_image) ---------------------------------
+# Their CUDA kernels run under the emulator in tests/test_cuda_emulation.py (against float64); here: the folded
+# operands and the ops' argument order (through the ops' CPU kernels, which compute the same math with torch ops),
+# the schemas and fake impls, which calls take them, and on a GPU the kernels inside sam_attention and the drop-in.
+def _block_case(kind, b_image, b_tokens, dtype=torch.float32, seed=11, dim=64, heads=4, lq_tokens=7, l_image=150):
+    """(q, k, v, residual, attention, norm) of one cross-attention block of SAM's (downsample 2): token -> image
+    (queries are the tokens) or image -> token; b_image 1 shares the image over the b_tokens prompts."""
+    attention = randomized(ref.Attention(dim, heads, downsample_rate=2), seed=seed).to(dtype)
+    norm = randomized(torch.nn.LayerNorm(dim), seed=seed + 1).to(dtype)
+    g = torch.Generator().manual_seed(seed + 2)
+    image = torch.randn(b_image, l_image, dim, generator=g).to(dtype)
+    tokens = torch.randn(b_tokens, lq_tokens, dim, generator=g).to(dtype)
+    if kind == "token_to_image":
+        return tokens, image, image * 0.5, tokens * 0.25, attention, norm
+    return image, tokens, tokens * 0.5, image * 0.25, attention, norm
+
+
+@pytest.mark.parametrize("b_image,b_tokens", [(3, 3), (1, 3)], ids=["per-prompt", "shared-image"])
+@pytest.mark.parametrize("kind", ["image_to_token", "token_to_image"])
+def test_fused_block_ops_match_reference(kind, b_image, b_tokens):
+    """The fused blocks' folded operands through torch.ops.mmfast.sam_* (their CPU kernels) equal SAM's
+    Attention + residual + LayerNorm in float64: the fold and the op's argument order are right."""
+    q, k, v, residual, attention, norm = (x.double() for x in _block_case(kind, b_image, b_tokens))
+    if kind == "image_to_token" and b_image == 1:
+        residual = residual[:1]  # the shared image's residual stream
+    head_dim = attention.internal_dim // attention.num_heads
+    assert ops.fused_block_kind(q.shape[0], k.shape[0], residual.shape[0], q.shape[1], k.shape[1],
+                                attention.num_heads, head_dim) == kind
+    block = ops._fused_image_to_token if kind == "image_to_token" else ops._fused_token_to_image
+    with torch.no_grad():
+        out = block(q, k, v, ops.Projections.of(attention), attention.num_heads, head_dim ** -0.5, residual,
+                    (norm.weight, norm.bias, norm.eps))
+        want = norm(residual + attention(q, k, v))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def _op_samples(dtype=torch.float32):
+    """(op, args) samples of both ops, shared (batch-1) operands included."""
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    samples = []
+    for b_x in (2, 1):
+        samples.append((torch.ops.mmfast.sam_image_to_token,
+                        (rnd(b_x, 33, 12), rnd(2, 3 * 5, 12), rnd(2, 15), rnd(2, 15, 10), rnd(b_x, 33, 10), rnd(10),
+                         rnd(10), 1e-5, 5)))
+        samples.append((torch.ops.mmfast.sam_token_to_image,
+                        (rnd(2, 2 * 3, 12), rnd(2, 6), rnd(b_x, 70, 12), rnd(b_x, 70, 12), rnd(8, 12), rnd(8),
+                         rnd(10, 8), rnd(10), rnd(2, 3, 10), rnd(10), rnd(10), 1e-6, 2)))
+    return samples
+
+
+def test_fused_block_ops_opcheck_and_compile():
+    """Schemas, fake impls and the CPU kernels (torch.library.opcheck), and torch.compile(fullgraph=True) over
+    both ops."""
+    from torch.library import opcheck
+    for op, args in _op_samples():
+        opcheck(op, args)
+        compiled = torch.compile(lambda *a, op=op: op(*a), fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(*args), op(*args))
+
+
+def test_fused_block_kind_takes_sam_shapes_only():
+    """The few-token cross-attentions of SAM take the fused blocks; self-attention, too many keys per head or
+    heads x queries, and a residual the kernels cannot broadcast do not."""
+    # (batch q, batch kv, batch residual, Lq, Lk, heads, head dim)
+    assert ops.fused_block_kind(16, 16, 16, 4096, 7, 8, 16) == "image_to_token"
+    assert ops.fused_block_kind(1, 64, 1, 4096, 7, 8, 16) == "image_to_token"   # shared image and residual
+    assert ops.fused_block_kind(16, 16, 16, 7, 4096, 8, 16) == "token_to_image"
+    assert ops.fused_block_kind(64, 1, 64, 7, 4096, 8, 16) == "token_to_image"   # shared image keys
+    assert ops.fused_block_kind(16, 16, 16, 7, 7, 8, 32) is None                  # self-attention
+    assert ops.fused_block_kind(2, 2, 2, 4096, 20, 2, 64) is None                  # 20 keys per head
+    assert ops.fused_block_kind(2, 2, 2, 9, 4096, 8, 16) is None                   # 72 rows of heads x queries
+    assert ops.fused_block_kind(64, 1, 1, 7, 4096, 8, 16) is None                  # residual [1, ...] of 64 queries
+
+
+def test_fused_block_ops_reject_bad_input():
+    """Direct calls get a clear error naming the argument (the CPU kernels through torch; the CUDA glue's own
+    checks name the same arguments)."""
+    samples = _op_samples()
+    for index, change, message in ((1, lambda t: t[:, :7], "keys_per_head"),  # 7 rows: not 5 keys per head
+                                   (4, lambda t: t[..., :9], "residual"),
+                                   (6, lambda t: t[:3], "norm_bias")):
+        op, args = samples[0]
+        bad = list(args)
+        bad[index] = change(bad[index])
+        with pytest.raises(ValueError, match=message):
+            op(*bad)
+    op, args = samples[1]
+    for index, change, message in ((0, lambda t: t[:, :5], "heads"), (3, lambda t: t[:, :60], "v has shape"),
+                                   (6, lambda t: t[:, :7], "out_weight")):
+        bad = list(args)
+        bad[index] = change(bad[index])
+        with pytest.raises(ValueError, match=message):
+            op(*bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"] or
+                         [pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device here"))])
+def test_fused_blocks_on_gpu(device, dtype, monkeypatch):
+    """On a GPU with backend='cuda' and no gradient: sam_attention runs the fused kernels (counted) at SAM's size,
+    shared image and per prompt, within 2x the error of upstream's module in the same dtype (float64 reference);
+    the TwoWayTransformer drop-in too. With a gradient the differentiable arrangements run instead."""
+    calls = {"image_to_token": 0, "token_to_image": 0}
+    for name in calls:
+        original = getattr(ops, f"_fused_{name}")
+
+        def counted(*a, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*a)
+
+        monkeypatch.setattr(ops, f"_fused_{name}", counted)
+    for kind in ("image_to_token", "token_to_image"):
+        for b_image, b_tokens in ((4, 4), (1, 16)):
+            case = _block_case(kind, b_image, b_tokens, dim=256, heads=8, l_image=4096)
+            q, k, v, residual, attention, norm = case
+            if kind == "image_to_token" and b_image == 1:
+                residual = residual[:1]
+            with torch.no_grad():
+                want = norm.double()(residual.double() + copy.deepcopy(attention).double()(q.double(), k.double(),
+                                                                                          v.double()))
+                lowp = copy.deepcopy(attention).to(device, dtype)
+                norm_lowp = copy.deepcopy(norm).to(device, dtype)
+                qd, kd, vd, rd = (x.to(device, dtype) for x in (q, k, v, residual))
+                same = norm_lowp(rd + lowp(qd, kd, vd))
+                before = calls[kind]
+                out = ops.sam_attention(qd, kd, vd, ops.Projections.of(lowp), lowp.num_heads, residual=rd,
+                                        norm=(norm_lowp.weight, norm_lowp.bias, norm_lowp.eps), backend="cuda")
+                assert calls[kind] == before + 1, f"{kind} did not run the fused kernel"
+            assert_close_to_reference(out.cpu(), want, same.cpu() if dtype in LOW_PRECISION else None,
+                                      name=f"{kind} b_image={b_image} b_tokens={b_tokens}")
+    model, model_ref = pair(fused.TwoWayTransformer, ref.TwoWayTransformer, 2, 256, 8, 2048, seed=19)
+    model.to(device, dtype)
+    model_lowp = copy.deepcopy(model_ref).to(device, dtype)
+    model_ref.double()
+    inputs = transformer_inputs(4, 256, 64, 64, 7, seed=20, shared_image=True)
+    with torch.no_grad(), mmfast.use_backend("cuda"):
+        before = dict(calls)
+        out = model(*[x.to(device, dtype) for x in inputs])
+        assert calls["image_to_token"] - before["image_to_token"] == 2
+        assert calls["token_to_image"] - before["token_to_image"] == 3
+        out_lowp = model_lowp(*[x.to(device, dtype) for x in inputs])
+        out64 = model_ref(*[x.double() for x in inputs])
+    for i, (o, o_lp, o64) in enumerate(zip(out, out_lowp, out64)):
+        assert_close_to_reference(o.cpu(), o64, o_lp.cpu() if dtype in LOW_PRECISION else None, name=f"output {i}")
+    q, k, v, residual, attention, norm = (x.to(device, dtype) for x in _block_case("token_to_image", 2, 2))
+    before = dict(calls)
+    ops.sam_attention(q.requires_grad_(), k, v, ops.Projections.of(attention), attention.num_heads,
+                      residual=residual, norm=(norm.weight, norm.bias, norm.eps), backend="cuda").sum().backward()
+    assert calls == before and q.grad is not None

@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from mmfast import backend as _backend
 from mmfast.ops._checks import check_same_device_dtype, check_tensor
 from mmfast.ops.cross_attention import cross_attention
 
@@ -103,23 +104,39 @@ def _check(q, k, v, p: Projections, num_heads: int, residual):
             raise ValueError(f"mmfast: residual has shape {tuple(residual.shape)}, expected {want}")
 
 
-def _merge_heads_out(out_heads: torch.Tensor, p: Projections, residual) -> torch.Tensor:
+def _merge_heads_out(out_heads: torch.Tensor, out_weight, out_bias, residual) -> torch.Tensor:
     """[B, L, H, d] (any strides) -> out_proj(...) [+ residual]."""
-    out = F.linear(out_heads.reshape(*out_heads.shape[:2], -1), p.out_weight, p.out_bias)
+    out = F.linear(out_heads.reshape(*out_heads.shape[:2], -1), out_weight, out_bias)
     return out if residual is None else out + residual
 
 
-def _few_queries(q, k, v, p: Projections, heads: int, scale: float, residual):
+def _fold_few_queries(q, p: Projections, heads: int, scale: float):
+    """The key projection folded into the few queries: (query_folded [B, H*Lq, C_kv] with row h*Lq + l,
+    query_bias [B, H*Lq]), scores_h = query_folded_h k_in^T + query_bias_h."""
     b, lq, _ = q.shape
     internal, c_kv = p.k_weight.shape
     d = internal // heads
     qp = F.linear(q, p.q_weight, p.q_bias).view(b, lq, heads, d) * scale
     q_folded = torch.einsum("blhd,hdc->bhlc", qp, p.k_weight.view(heads, d, c_kv)).reshape(b, heads * lq, c_kv)
-    q_bias = torch.einsum("blhd,hd->bhl", qp, p.k_bias.view(heads, d)).reshape(b, heads * lq, 1)
-    scores = torch.baddbmm(q_bias, q_folded, k.transpose(1, 2))          # [B, H*Lq, Lk]
-    attended = torch.bmm(torch.softmax(scores, dim=-1), v)              # [B, H*Lq, C_kv]
-    out = torch.einsum("bhlc,hdc->blhd", attended.view(b, heads, lq, c_kv), p.v_weight.view(heads, d, c_kv))
-    return _merge_heads_out(out + p.v_bias.view(heads, d), p, residual)
+    q_bias = torch.einsum("blhd,hd->bhl", qp, p.k_bias.view(heads, d)).reshape(b, heads * lq)
+    return q_folded, q_bias
+
+
+def _attend_folded_queries(q_folded, q_bias, k, v, v_weight, v_bias, out_weight, out_bias, heads: int, residual):
+    """out_proj(attention) [+ residual] from the folded queries; k/v [B or 1, Lk, C_kv] (the image)."""
+    b, rows, c_kv = q_folded.shape
+    lq, d = rows // heads, v_weight.shape[0] // heads
+    k, v = k.expand(b, -1, -1), v.expand(b, -1, -1)  # a shared image: stride 0, no copy
+    scores = torch.baddbmm(q_bias.unsqueeze(-1), q_folded, k.transpose(1, 2))          # [B, H*Lq, Lk]
+    attended = torch.bmm(torch.softmax(scores, dim=-1), v)                              # [B, H*Lq, C_kv]
+    out = torch.einsum("bhlc,hdc->blhd", attended.view(b, heads, lq, c_kv), v_weight.view(heads, d, c_kv))
+    return _merge_heads_out(out + v_bias.view(heads, d), out_weight, out_bias, residual)
+
+
+def _few_queries(q, k, v, p: Projections, heads: int, scale: float, residual):
+    q_folded, q_bias = _fold_few_queries(q, p, heads, scale)
+    return _attend_folded_queries(q_folded, q_bias, k, v, p.v_weight, p.v_bias, p.out_weight, p.out_bias, heads,
+                                  residual)
 
 
 def _project_kv_heads(k, v, p: Projections, heads: int):
@@ -139,27 +156,39 @@ def _out_proj_into_values(vp: torch.Tensor, p: Projections) -> torch.Tensor:
     return n + p.out_bias / heads
 
 
-def _attend_few_keys(scores_t: torch.Tensor, vp: torch.Tensor, p: Projections, residual) -> torch.Tensor:
+def _attend_few_keys(scores_t: torch.Tensor, n: torch.Tensor, residual) -> torch.Tensor:
     """scores_t [B, H, Lk, Lq] (keys before queries: torch's softmax over a short last dim is ~13x slower,
     158 vs 12 ms at [16, 4096, 8, 7] on the 2-core CPU, than over a middle dim with Lq inner) ->
     softmax over the keys, then P @ N (+ residual as the GEMM's C input) [B, Lq, C]."""
     b, heads, lk, lq = scores_t.shape
     probs = torch.softmax(scores_t, dim=2).reshape(b, heads * lk, lq).transpose(1, 2)
-    n = _out_proj_into_values(vp, p)
     if residual is None:
         return torch.bmm(probs, n)
     return torch.baddbmm(residual.expand(b, -1, -1), probs, n)
 
 
-def _few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
+def _fold_few_keys(k, v, p: Projections, heads: int, scale: float):
+    """The query projection folded into the few keys and the output projection into their values:
+    (key_folded [B, H*Lk, C_q] = scale Wq_h^T k_hj, key_bias [B, H*Lk] = scale bq_h . k_hj,
+    value_folded [B, H*Lk, C_out] = N of _out_proj_into_values)."""
     kp, vp = _project_kv_heads(k, v, p, heads)
     b, lk, _, d = kp.shape
     c_q = p.q_weight.shape[1]
-    # M^T [B, H*Lk, C_q]: the query projection folded into the keys; c: its bias's share of the scores.
-    m_t = torch.einsum("hdc,bjhd->bhjc", p.q_weight.view(heads, d, c_q), kp).reshape(b, heads * lk, c_q) * scale
-    c = torch.einsum("hd,bjhd->bhj", p.q_bias.view(heads, d), kp).reshape(b, heads * lk, 1) * scale
-    scores_t = torch.baddbmm(c, m_t, q.transpose(1, 2))                          # [B, H*Lk, Lq]
-    return _attend_few_keys(scores_t.view(b, heads, lk, -1), vp, p, residual)
+    key_folded = torch.einsum("hdc,bjhd->bhjc", p.q_weight.view(heads, d, c_q), kp).reshape(b, heads * lk, c_q)
+    key_bias = torch.einsum("hd,bjhd->bhj", p.q_bias.view(heads, d), kp).reshape(b, heads * lk)
+    return key_folded * scale, key_bias * scale, _out_proj_into_values(vp, p)
+
+
+def _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head: int, residual):
+    """out_proj(attention) [+ residual] from the folded keys; x [B or 1, Lq, C_q] (the image side)."""
+    b, rows, _ = key_folded.shape
+    scores_t = torch.baddbmm(key_bias.unsqueeze(-1), key_folded, x.expand(b, -1, -1).transpose(1, 2))  # [B, G, Lq]
+    return _attend_few_keys(scores_t.view(b, rows // keys_per_head, keys_per_head, -1), value_folded, residual)
+
+
+def _few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
+    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads, scale)
+    return _attend_folded_keys(q, key_folded, key_bias, value_folded, k.shape[1], residual)
 
 
 def _shared_q_few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
@@ -168,7 +197,7 @@ def _shared_q_few_keys(q, k, v, p: Projections, heads: int, scale: float, residu
     d = kp.shape[-1]
     qp = F.linear(q[0], p.q_weight, p.q_bias).view(q.shape[1], heads, d) * scale          # [Lq, H, d]
     scores_t = torch.einsum("bjhd,nhd->bhjn", kp, qp)                                     # [B, H, Lk, Lq]
-    return _attend_few_keys(scores_t, vp, p, residual)
+    return _attend_few_keys(scores_t, _out_proj_into_values(vp, p), residual)
 
 
 def _projected(q, k, v, p: Projections, heads: int, scale: float, residual, backend):
@@ -179,7 +208,7 @@ def _projected(q, k, v, p: Projections, heads: int, scale: float, residual, back
     kh, vh = _project_kv_heads(k, v, p, heads)
     kh, vh = kh.expand(b, -1, -1, -1), vh.expand(b, -1, -1, -1)   # shared keys: stride 0, no copy
     out = cross_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), scale=scale, backend=backend)
-    return _merge_heads_out(out.transpose(1, 2), p, residual)
+    return _merge_heads_out(out.transpose(1, 2), p.out_weight, p.out_bias, residual)
 
 
 def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections: Projections, num_heads: int, *,
@@ -195,6 +224,9 @@ def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections
     _check(q, k, v, projections, num_heads, residual)
     head_dim = projections.q_weight.shape[0] // num_heads
     scale = head_dim ** -0.5
+    fused = _fused_block(q, k, v, projections, num_heads, residual, norm, backend)
+    if fused is not None:
+        return fused(q, k, v, projections, num_heads, scale, residual, norm)
     arrangement = plan(q.shape[0], k.shape[0], q.shape[1], k.shape[1], head_dim)
     # Under autocast the residual is added after, as upstream adds it: the GEMM would return the sum in the
     # autocast dtype (a bf16 residual stream), the add keeps the residual's precision (fp32 upstream).
@@ -214,3 +246,117 @@ def sam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projections
         weight, bias, eps = norm
         out = F.layer_norm(out, out.shape[-1:], weight, bias, eps)
     return out
+
+
+# ---- the fused CUDA blocks (one kernel per cross-attention, forward only) -----------------------------------
+# mmfast::sam_image_to_token / sam_token_to_image (csrc/cuda/sam_attention.cu): LayerNorm(residual + attention +
+# out_proj) on the folded operands above, in one launch where the composition takes ~10. They have no autograd:
+# sam_attention runs them only where no gradient is needed (SAM's inference), and under backend "auto" only once
+# a GPU run has validated them (GPU_VALIDATED["sam_blocks"]); backend="cuda" asks for them.
+_FUSED_OPS = ("sam_image_to_token", "sam_token_to_image")
+_fused_defined = _backend._C is not None and all(hasattr(torch.ops.mmfast, n) for n in _FUSED_OPS)
+_fused_cuda = _fused_defined and _backend.has_native_kernel(_FUSED_OPS[0], "CUDA")
+
+
+def _check_folded(groups_name: str, groups: torch.Tensor, per_group: int, per_group_name: str, shapes: dict):
+    """The fused ops' operand checks off the GPU (csrc/cuda/sam_attention_api.cpp makes the same on CUDA):
+    `groups` rows divide into `per_group`; each named tensor has the shape given (None: any size there)."""
+    if per_group < 1 or groups.shape[1] % per_group != 0:
+        raise ValueError(f"mmfast: {per_group_name} ({per_group}) must divide {groups_name}'s {groups.shape[1]} rows")
+    for name, (t, want) in shapes.items():
+        if t.dim() != len(want) or any(w is not None and n != w for n, w in zip(t.shape, want)):
+            raise ValueError(f"mmfast: {name} has shape {tuple(t.shape)}, expected {want} (None: any)")
+
+
+def _image_to_token(x, key_folded, key_bias, value_folded, residual, norm_weight, norm_bias, eps, keys_per_head):
+    """mmfast::sam_image_to_token off the GPU (and its meaning): the composition's ops on the folded operands."""
+    b, g, c = key_folded.shape
+    c_out = value_folded.shape[-1]
+    _check_folded("key_folded", key_folded, keys_per_head, "keys_per_head", {
+        "x": (x, (None, None, c)), "key_bias": (key_bias, (b, g)), "value_folded": (value_folded, (b, g, c_out)),
+        "residual": (residual, (None, x.shape[1], c_out)), "norm_weight": (norm_weight, (c_out,)),
+        "norm_bias": (norm_bias, (c_out,))})
+    out = _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head, residual)
+    return F.layer_norm(out, out.shape[-1:], norm_weight, norm_bias, eps)
+
+
+def _token_to_image(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, residual, norm_weight,
+                    norm_bias, eps, heads):
+    """mmfast::sam_token_to_image off the GPU (and its meaning)."""
+    b, g, c = query_folded.shape
+    inner, c_out = v_weight.shape[0], out_weight.shape[0]
+    _check_folded("query_folded", query_folded, heads, "heads", {
+        "query_bias": (query_bias, (b, g)), "k": (k, (None, None, c)), "v": (v, k.shape),
+        "v_weight": (v_weight, (inner, c)), "v_bias": (v_bias, (inner,)), "out_weight": (out_weight, (c_out, inner)),
+        "out_bias": (out_bias, (c_out,)), "residual": (residual, (b, g // max(heads, 1), c_out)),
+        "norm_weight": (norm_weight, (c_out,)), "norm_bias": (norm_bias, (c_out,))})
+    out = _attend_folded_queries(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, heads,
+                                 residual)
+    return F.layer_norm(out, out.shape[-1:], norm_weight, norm_bias, eps)
+
+
+if _fused_defined:
+    torch.library.register_kernel("mmfast::sam_image_to_token", "cpu")(_image_to_token)
+    torch.library.register_kernel("mmfast::sam_token_to_image", "cpu")(_token_to_image)
+
+    @torch.library.register_fake("mmfast::sam_image_to_token")
+    def _(x, key_folded, key_bias, value_folded, residual, norm_weight, norm_bias, eps, keys_per_head):
+        return x.new_empty((key_folded.shape[0], x.shape[1], value_folded.shape[2]))
+
+    @torch.library.register_fake("mmfast::sam_token_to_image")
+    def _(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, residual, norm_weight, norm_bias,
+          eps, heads):
+        return query_folded.new_empty(residual.shape)
+
+
+def _fused_image_to_token(q, k, v, p: Projections, heads: int, scale: float, residual, norm):
+    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads, scale)
+    return torch.ops.mmfast.sam_image_to_token(q, key_folded, key_bias, value_folded, residual, norm[0], norm[1],
+                                               float(norm[2]), k.shape[1])
+
+
+def _fused_token_to_image(q, k, v, p: Projections, heads: int, scale: float, residual, norm):
+    query_folded, query_bias = _fold_few_queries(q, p, heads, scale)
+    return torch.ops.mmfast.sam_token_to_image(query_folded, query_bias, k, v, p.v_weight, p.v_bias, p.out_weight,
+                                               p.out_bias, residual, norm[0], norm[1],
+                                               float(norm[2]), heads)
+
+
+def fused_block_kind(batch_q: int, batch_kv: int, batch_residual: int, lq: int, lk: int, heads: int,
+                     head_dim: int) -> Optional[str]:
+    """Which fused block computes a call of these shapes: "image_to_token" (few keys: <= 16 per head, the
+    image side's x and residual may be shared), "token_to_image" (few queries: heads x queries <= 64, the
+    image's k/v may be shared), or None (the rearrangements above run)."""
+    b = max(batch_q, batch_kv)
+    if lk < head_dim < lq and lk <= 16 and batch_kv == b and batch_residual in (1, b):
+        return "image_to_token"
+    if lq < head_dim < lk and heads * lq <= 64 and batch_q == b and batch_residual == b:
+        return "token_to_image"
+    return None
+
+
+def _fused_block(q, k, v, p: Projections, heads: int, residual, norm, backend):
+    """The fused CUDA block that computes this call (_fused_image_to_token / _fused_token_to_image), or None:
+    a CUDA call with residual and norm, no gradient, no autocast, one kernel dtype, fused_block_kind's shapes
+    and a shared-memory footprint the device grants."""
+    if not (_fused_cuda and q.is_cuda and residual is not None and norm is not None):
+        return None
+    requested = backend if backend is not None else _backend.get_backend()
+    if not (requested == "cuda" or (requested == "auto" and "cuda" in _backend.GPU_VALIDATED.get("sam_blocks", ()))):
+        return None
+    tensors = (q, k, v, residual, norm[0], norm[1], *p)
+    if q.dtype not in _backend.KERNEL_DTYPES or any(t.dtype != q.dtype for t in tensors):
+        return None
+    if torch.is_autocast_enabled("cuda") or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    d = p.q_weight.shape[0] // heads
+    kind = fused_block_kind(q.shape[0], k.shape[0], residual.shape[0], q.shape[1], k.shape[1], heads, d)
+    limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    c_out = p.out_weight.shape[0]
+    if kind == "image_to_token" and _backend._C.sam_image_to_token_smem_bytes(heads, k.shape[1], q.shape[2],
+                                                                              c_out) <= limit:
+        return _fused_image_to_token
+    if kind == "token_to_image" and _backend._C.sam_token_to_image_smem_bytes(heads, q.shape[1], k.shape[2], d,
+                                                                              c_out) <= limit:
+        return _fused_token_to_image
+    return None

@@ -15,7 +15,7 @@
 // block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
 // the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
 // g++ from fusing them into an fma), __fsqrt_rn, __int_as_float, __uint_as_float, __float_as_uint, the int
-// atomicAdd and the int min/max of device code; the tensor-core
+// atomicAdd, __threadfence and the int min/max of device code; the tensor-core
 // mma.m16n8k16 (bf16/fp16 -> fp32) and ldmatrix of mmfast/mma.cuh, with the PTX fragment layouts (the mma's
 // fp32 summation order is fixed here, unspecified on the device: compare with a tolerance).
 //
@@ -287,6 +287,8 @@ inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }  // IEEE sqrt is correctly rounded, as on the device
 // Integer atomics on shared or global memory (a CUDA thread is a std::thread here): returns the old value.
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+// Blocks run one after another here, so every earlier block's writes are visible: a fence orders nothing more.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 using std::max;  // device code's min(int, int) / max(int, int)
 using std::min;
 
