@@ -242,7 +242,7 @@ stage bench-llava-projector 25 "$RES/llava_projector.txt" "$PY" benchmarks/_llav
 # One op at a time, each under its own cap (seconds; the 2026-12-04 run's quick cases took 13-90 s each;
 # clip_loss's B=65536 case alone needs ~60 s). A bench cut short still writes what it measured.
 PROVIDERS=${BENCH_PROVIDERS:-mmfast,mmfast-cuda,mmfast-triton,floor-gemm,floor-gemm+attn,eager-graph,mmfast-graph,inf-cl}
-for pair in ${BENCH_OPS:-sam_attention:45 perceiver_resampler:40 cross_attention:35 similarity_softmax:35 siglip_loss:20 clip_loss:50 owl_class_head:15}; do
+for pair in ${BENCH_OPS:-sam_attention:60 perceiver_resampler:40 cross_attention:35 similarity_softmax:35 siglip_loss:20 clip_loss:50 owl_class_head:15}; do
     op=${pair%%:*}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     stage "bench-$op" "${pair##*:}" "$OUT/bench.log" "$PY" -m mmfast bench --quick --device cuda --op "$op" \

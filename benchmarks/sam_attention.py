@@ -65,5 +65,8 @@ def sam_cases(device: str, quick: bool) -> list[Case]:
     cpu = device == "cpu"
     many = [Target(">= 2x faster than segment-anything", "eager", 2.0)] if cpu else []
     one = [Target(">= 1.3x faster than segment-anything", "eager", 1.3)] if cpu else []
-    return [_case(torch.float32, 16, many), _case(torch.float32, 1, one),
-            _case(torch.bfloat16, 16, quick=not cpu), _case(torch.bfloat16, 1, quick=False)]
+    cases = [_case(torch.float32, 16, many), _case(torch.float32, 1, one),
+             _case(torch.bfloat16, 16, quick=not cpu), _case(torch.bfloat16, 1, quick=False)]
+    if not cpu:  # issue 14's GPU targets: also SamAutomaticMaskGenerator's batch of 64 prompts on one image
+        cases += [_case(torch.float32, 64), _case(torch.bfloat16, 64)]
+    return cases
