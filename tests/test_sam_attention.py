@@ -477,6 +477,11 @@ def test_fused_blocks_on_gpu(device, dtype, monkeypatch):
                 out = ops.sam_attention(qd, kd, vd, ops.Projections.of(lowp), lowp.num_heads, residual=rd,
                                         norm=(norm_lowp.weight, norm_lowp.bias, norm_lowp.eps), backend="cuda")
                 assert calls[kind] == before + 1, f"{kind} did not run the fused kernel"
+                if dtype == torch.bfloat16:  # and under torch.compile (no graph break)
+                    compiled = torch.compile(ops.sam_attention, fullgraph=True)
+                    again = compiled(qd, kd, vd, ops.Projections.of(lowp), lowp.num_heads, residual=rd,
+                                     norm=(norm_lowp.weight, norm_lowp.bias, norm_lowp.eps), backend="cuda")
+                    assert_close_to_reference(again.cpu(), want, same.cpu(), name=f"compiled {kind}")
             assert_close_to_reference(out.cpu(), want, same.cpu() if dtype in LOW_PRECISION else None,
                                       name=f"{kind} b_image={b_image} b_tokens={b_tokens}")
     model, model_ref = pair(fused.TwoWayTransformer, ref.TwoWayTransformer, 2, 256, 8, 2048, seed=19)

@@ -351,12 +351,27 @@ def _fused_block(q, k, v, p: Projections, heads: int, residual, norm, backend):
         return None
     d = p.q_weight.shape[0] // heads
     kind = fused_block_kind(q.shape[0], k.shape[0], residual.shape[0], q.shape[1], k.shape[1], heads, d)
-    limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-    c_out = p.out_weight.shape[0]
-    if kind == "image_to_token" and _backend._C.sam_image_to_token_smem_bytes(heads, k.shape[1], q.shape[2],
-                                                                              c_out) <= limit:
-        return _fused_image_to_token
-    if kind == "token_to_image" and _backend._C.sam_token_to_image_smem_bytes(heads, q.shape[1], k.shape[2], d,
-                                                                              c_out) <= limit:
-        return _fused_token_to_image
-    return None
+    if kind is None:
+        return None
+    tokens = k.shape[1] if kind == "image_to_token" else q.shape[1]
+    channels = q.shape[2] if kind == "image_to_token" else k.shape[2]
+    if not _fused_smem_fits(kind, q.device.index, heads, tokens, channels, d, p.out_weight.shape[0]):
+        return None
+    return _fused_image_to_token if kind == "image_to_token" else _fused_token_to_image
+
+
+_smem_fits: dict = {}
+
+
+@torch._dynamo.assume_constant_result  # under torch.compile: evaluated while tracing, not a graph break
+def _fused_smem_fits(kind: str, device_index, heads: int, tokens: int, channels: int, head_dim: int,
+                     out_channels: int) -> bool:
+    """Whether the device grants the fused kernel's shared memory (the kernel's own layout, from _C), cached."""
+    key = (kind, device_index, heads, tokens, channels, head_dim, out_channels)
+    if key not in _smem_fits:
+        if kind == "image_to_token":
+            need = _backend._C.sam_image_to_token_smem_bytes(heads, tokens, channels, out_channels)
+        else:
+            need = _backend._C.sam_token_to_image_smem_bytes(heads, tokens, channels, head_dim, out_channels)
+        _smem_fits[key] = need <= torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    return _smem_fits[key]
