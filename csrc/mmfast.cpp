@@ -91,14 +91,15 @@ TORCH_LIBRARY(mmfast, m) {
   // operands of sam_attention's rearrangements (math in csrc/include/mmfast/sam_attention_cuda.h). Batch-1
   // x / residual (image -> token) and k / v (token -> image) are shared by every batch entry.
   // image -> token: x [B|1, L, C], key_folded [B, H*keys, C], key_bias [B, H*keys], value_folded [B, H*keys, Co],
-  // residual [B|1, L, Co] -> [B, L, Co].
-  m.def("sam_image_to_token(Tensor x, Tensor key_folded, Tensor key_bias, Tensor value_folded, Tensor residual, "
-        "Tensor norm_weight, Tensor norm_bias, float eps, int keys_per_head) -> Tensor");
-  // token -> image: query_folded [B, H*Lq, C] (row h*Lq + l, scale folded in), query_bias [B, H*Lq],
+  // out_bias [Co], residual [B|1, L, Co] -> [B, L, Co]; scores = scale * (x key_folded^T + key_bias).
+  m.def("sam_image_to_token(Tensor x, Tensor key_folded, Tensor key_bias, Tensor value_folded, Tensor out_bias, "
+        "Tensor residual, Tensor norm_weight, Tensor norm_bias, float scale, float eps, int keys_per_head) -> Tensor");
+  // token -> image: query_folded [B, H*Lq, C] (row h*Lq + l), query_bias [B, H*Lq], scores = scale * (query_folded
+  // k^T + query_bias),
   // k / v [B|1, L, C], v_weight [H*d, C], out_weight [Co, H*d], residual [B, Lq, Co] -> [B, Lq, Co].
   m.def("sam_token_to_image(Tensor query_folded, Tensor query_bias, Tensor k, Tensor v, Tensor v_weight, "
         "Tensor v_bias, Tensor out_weight, Tensor out_bias, Tensor residual, Tensor norm_weight, Tensor norm_bias, "
-        "float eps, int heads) -> Tensor");
+        "float scale, float eps, int heads) -> Tensor");
 }
 
 #ifndef MMFAST_NO_PYTHON

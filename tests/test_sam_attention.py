@@ -391,11 +391,11 @@ def _op_samples(dtype=torch.float32):
     samples = []
     for b_x in (2, 1):
         samples.append((torch.ops.mmfast.sam_image_to_token,
-                        (rnd(b_x, 33, 12), rnd(2, 3 * 5, 12), rnd(2, 15), rnd(2, 15, 10), rnd(b_x, 33, 10), rnd(10),
-                         rnd(10), 1e-5, 5)))
+                        (rnd(b_x, 33, 12), rnd(2, 3 * 5, 12), rnd(2, 15), rnd(2, 15, 10), rnd(10), rnd(b_x, 33, 10),
+                         rnd(10), rnd(10), 0.3, 1e-5, 5)))
         samples.append((torch.ops.mmfast.sam_token_to_image,
                         (rnd(2, 2 * 3, 12), rnd(2, 6), rnd(b_x, 70, 12), rnd(b_x, 70, 12), rnd(8, 12), rnd(8),
-                         rnd(10, 8), rnd(10), rnd(2, 3, 10), rnd(10), rnd(10), 1e-6, 2)))
+                         rnd(10, 8), rnd(10), rnd(2, 3, 10), rnd(10), rnd(10), 0.3, 1e-6, 2)))
     return samples
 
 
@@ -428,8 +428,9 @@ def test_fused_block_ops_reject_bad_input():
     checks name the same arguments)."""
     samples = _op_samples()
     for index, change, message in ((1, lambda t: t[:, :7], "keys_per_head"),  # 7 rows: not 5 keys per head
-                                   (4, lambda t: t[..., :9], "residual"),
-                                   (6, lambda t: t[:3], "norm_bias")):
+                                   (4, lambda t: t[:9], "out_bias"),
+                                   (5, lambda t: t[..., :9], "residual"),
+                                   (7, lambda t: t[:3], "norm_bias")):
         op, args = samples[0]
         bad = list(args)
         bad[index] = change(bad[index])

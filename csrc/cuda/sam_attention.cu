@@ -65,9 +65,9 @@ __device__ __forceinline__ float row_group_sum(float v) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) image_to_token_kernel(
     ImageToTokenShape s, const T* __restrict__ x, int64_t x_batch_stride, const T* __restrict__ key_folded,
-    const T* __restrict__ key_bias, const T* __restrict__ value_folded, const T* __restrict__ residual,
-    int64_t residual_batch_stride, const T* __restrict__ norm_weight, const T* __restrict__ norm_bias, float eps,
-    T* __restrict__ out) {
+    const T* __restrict__ key_bias, const T* __restrict__ value_folded, const T* __restrict__ out_bias,
+    const T* __restrict__ residual, int64_t residual_batch_stride, const T* __restrict__ norm_weight,
+    const T* __restrict__ norm_bias, float scale, float eps, T* __restrict__ out) {
   MMFAST_DYNAMIC_SMEM(float, smem);
   const ImageToTokenLayout l = image_to_token_layout(s);
   float* key_s = smem + l.key;
@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kThreads) image_to_token_kernel(
     float top = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kImageToTokenMaxKeys; ++j) {
+      score[j] *= scale;
       if (j < keys) top = fmaxf(top, score[j]);
     }
     float sum = 0.f;
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) image_to_token_kernel(
   float* y_row = tile + r * l.tile_stride;
   float partial = 0.f;
   for (int e = lane; e < c_out; e += kRowGroup) {
-    float y = live ? to_float(res_row[e]) : 0.f;
+    float y = live ? to_float(res_row[e]) + to_float(out_bias[e]) : 0.f;
     for (int g = 0; g < g_count; ++g) y += p_row[g] * value_s[g * c_out + e];
     y_row[e] = y;
     partial += y;
@@ -218,8 +219,8 @@ __global__ void __launch_bounds__(kThreads) token_to_image_kernel(
     TokenToImageShape s, const T* __restrict__ query_folded, const T* __restrict__ query_bias,
     const T* __restrict__ k, const T* __restrict__ v, int64_t kv_batch_stride, const T* __restrict__ v_weight,
     const T* __restrict__ v_bias, const T* __restrict__ out_weight, const T* __restrict__ out_bias,
-    const T* __restrict__ residual, const T* __restrict__ norm_weight, const T* __restrict__ norm_bias, float eps,
-    float* scratch, int* tickets, T* __restrict__ out) {
+    const T* __restrict__ residual, const T* __restrict__ norm_weight, const T* __restrict__ norm_bias, float scale,
+    float eps, float* scratch, int* tickets, T* __restrict__ out) {
   MMFAST_DYNAMIC_SMEM(float, smem);
   __shared__ int is_last;
   const TokenToImageLayout l = token_to_image_layout(s);
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) token_to_image_kernel(
 #pragma unroll
     for (int i = 0; i < kScoreRowsPerThread; ++i) {
       const int g = set + i * (kThreads / kChunk);
-      if (g < g_count) scores[g * l.scores_stride + key] = key < valid ? acc[i] + query_bias_s[g] : -INFINITY;
+      if (g < g_count) scores[g * l.scores_stride + key] = key < valid ? scale * (acc[i] + query_bias_s[g]) : -INFINITY;
     }
   }
   __syncthreads();
@@ -369,8 +370,9 @@ int64_t image_to_token_smem_bytes(const ImageToTokenShape& s) {
 
 cudaError_t sam_image_to_token(DType dtype, const ImageToTokenShape& s, const void* x, int64_t x_batch_stride,
                                const void* key_folded, const void* key_bias, const void* value_folded,
-                               const void* residual, int64_t residual_batch_stride, const void* norm_weight,
-                               const void* norm_bias, float eps, void* out, cudaStream_t stream) {
+                               const void* out_bias, const void* residual, int64_t residual_batch_stride,
+                               const void* norm_weight, const void* norm_bias, float scale, float eps, void* out,
+                               cudaStream_t stream) {
   if (s.batch <= 0 || s.rows <= 0) return cudaSuccess;
   if (s.keys <= 0 || s.keys > kImageToTokenMaxKeys || s.heads <= 0) return cudaErrorInvalidValue;
   const int64_t smem = image_to_token_smem_bytes(s);
@@ -381,8 +383,9 @@ cudaError_t sam_image_to_token(DType dtype, const ImageToTokenShape& s, const vo
     MMFAST_LAUNCH(kernel, dim3(blocks(s.rows, kImageRows), static_cast<unsigned>(s.batch)), kThreads, smem, stream,
                   s, static_cast<const T*>(x), x_batch_stride, static_cast<const T*>(key_folded),
                   static_cast<const T*>(key_bias), static_cast<const T*>(value_folded),
-                  static_cast<const T*>(residual), residual_batch_stride, static_cast<const T*>(norm_weight),
-                  static_cast<const T*>(norm_bias), eps, static_cast<T*>(out));
+                  static_cast<const T*>(out_bias), static_cast<const T*>(residual), residual_batch_stride,
+                  static_cast<const T*>(norm_weight), static_cast<const T*>(norm_bias), scale, eps,
+                  static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
@@ -400,8 +403,8 @@ int64_t token_to_image_scratch_floats(const TokenToImageShape& s) {
 cudaError_t sam_token_to_image(DType dtype, const TokenToImageShape& s, const void* query_folded,
                                const void* query_bias, const void* k, const void* v, int64_t kv_batch_stride,
                                const void* v_weight, const void* v_bias, const void* out_weight, const void* out_bias,
-                               const void* residual, const void* norm_weight, const void* norm_bias, float eps,
-                               float* scratch, int* tickets, void* out, cudaStream_t stream) {
+                               const void* residual, const void* norm_weight, const void* norm_bias, float scale,
+                               float eps, float* scratch, int* tickets, void* out, cudaStream_t stream) {
   if (s.batch <= 0 || s.queries <= 0) return cudaSuccess;
   if (s.keys <= 0 || s.heads <= 0 || s.head_dim <= 0 || s.heads * s.queries > kTokenToImageMaxRows) {
     return cudaErrorInvalidValue;
@@ -416,7 +419,7 @@ cudaError_t sam_token_to_image(DType dtype, const TokenToImageShape& s, const vo
                   static_cast<const T*>(k), static_cast<const T*>(v), kv_batch_stride,
                   static_cast<const T*>(v_weight), static_cast<const T*>(v_bias), static_cast<const T*>(out_weight),
                   static_cast<const T*>(out_bias), static_cast<const T*>(residual),
-                  static_cast<const T*>(norm_weight), static_cast<const T*>(norm_bias), eps, scratch, tickets,
+                  static_cast<const T*>(norm_weight), static_cast<const T*>(norm_bias), scale, eps, scratch, tickets,
                   static_cast<T*>(out));
     return cudaGetLastError();
   });

@@ -67,10 +67,12 @@ void check_sizes(std::initializer_list<Named> operands, int64_t batch, int64_t s
 
 at::Tensor sam_image_to_token_cuda(const at::Tensor& x_in, const at::Tensor& key_folded_in,
                                    const at::Tensor& key_bias_in, const at::Tensor& value_folded_in,
-                                   const at::Tensor& residual_in, const at::Tensor& norm_weight_in,
-                                   const at::Tensor& norm_bias_in, double eps, int64_t keys_per_head) {
+                                   const at::Tensor& out_bias_in, const at::Tensor& residual_in,
+                                   const at::Tensor& norm_weight_in, const at::Tensor& norm_bias_in, double scale,
+                                   double eps, int64_t keys_per_head) {
   check_operands({{{"x", &x_in}, 3}, {{"key_folded", &key_folded_in}, 3}, {{"key_bias", &key_bias_in}, 2},
-                  {{"value_folded", &value_folded_in}, 3}, {{"residual", &residual_in}, 3},
+                  {{"value_folded", &value_folded_in}, 3}, {{"out_bias", &out_bias_in}, 1},
+                  {{"residual", &residual_in}, 3},
                   {{"norm_weight", &norm_weight_in}, 1}, {{"norm_bias", &norm_bias_in}, 1}});
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t batch = key_folded_in.size(0), groups = key_folded_in.size(1), channels = x_in.size(2);
@@ -81,13 +83,14 @@ at::Tensor sam_image_to_token_cuda(const at::Tensor& x_in, const at::Tensor& key
   check_shape(key_folded_in, "key_folded", {batch, groups, channels});
   check_shape(key_bias_in, "key_bias", {batch, groups});
   check_shape(value_folded_in, "value_folded", {batch, groups, out_channels});
+  check_shape(out_bias_in, "out_bias", {out_channels});
   MMFAST_CHECK(residual_in.size(1) == rows && residual_in.size(2) == out_channels, "residual has shape ",
                residual_in.sizes(), ", expected [", batch, " or 1, ", rows, ", ", out_channels, "]");
   check_shape(norm_weight_in, "norm_weight", {out_channels});
   check_shape(norm_bias_in, "norm_bias", {out_channels});
   const at::Tensor x = x_in.contiguous(), residual = residual_in.contiguous();
   const at::Tensor key_folded = key_folded_in.contiguous(), key_bias = key_bias_in.contiguous();
-  const at::Tensor value_folded = value_folded_in.contiguous();
+  const at::Tensor value_folded = value_folded_in.contiguous(), out_bias = out_bias_in.contiguous();
   const at::Tensor norm_weight = norm_weight_in.contiguous(), norm_bias = norm_bias_in.contiguous();
   const kc::ImageToTokenShape shape{batch, rows, channels, out_channels, groups / keys_per_head, keys_per_head};
   const int64_t x_stride = batch_stride(x, "x", batch), residual_stride = batch_stride(residual, "residual", batch);
@@ -95,9 +98,10 @@ at::Tensor sam_image_to_token_cuda(const at::Tensor& x_in, const at::Tensor& key
               batch, kc::image_to_token_smem_bytes(shape));
   at::Tensor out = at::empty({batch, rows, out_channels}, x.options());
   C10_CUDA_CHECK(kc::sam_image_to_token(kernel_dtype(x), shape, x.data_ptr(), x_stride, key_folded.data_ptr(),
-                                        key_bias.data_ptr(), value_folded.data_ptr(), residual.data_ptr(),
-                                        residual_stride, norm_weight.data_ptr(), norm_bias.data_ptr(),
-                                        static_cast<float>(eps), out.data_ptr(), current_stream()));
+                                        key_bias.data_ptr(), value_folded.data_ptr(), out_bias.data_ptr(),
+                                        residual.data_ptr(), residual_stride, norm_weight.data_ptr(),
+                                        norm_bias.data_ptr(), static_cast<float>(scale), static_cast<float>(eps),
+                                        out.data_ptr(), current_stream()));
   return out;
 }
 
@@ -105,8 +109,8 @@ at::Tensor sam_token_to_image_cuda(const at::Tensor& query_folded_in, const at::
                                    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& v_weight_in,
                                    const at::Tensor& v_bias_in, const at::Tensor& out_weight_in,
                                    const at::Tensor& out_bias_in, const at::Tensor& residual_in,
-                                   const at::Tensor& norm_weight_in, const at::Tensor& norm_bias_in, double eps,
-                                   int64_t heads) {
+                                   const at::Tensor& norm_weight_in, const at::Tensor& norm_bias_in, double scale,
+                                   double eps, int64_t heads) {
   check_operands({{{"query_folded", &query_folded_in}, 3}, {{"query_bias", &query_bias_in}, 2}, {{"k", &k_in}, 3},
                   {{"v", &v_in}, 3}, {{"v_weight", &v_weight_in}, 2}, {{"v_bias", &v_bias_in}, 1},
                   {{"out_weight", &out_weight_in}, 2}, {{"out_bias", &out_bias_in}, 1},
@@ -151,7 +155,8 @@ at::Tensor sam_token_to_image_cuda(const at::Tensor& query_folded_in, const at::
   C10_CUDA_CHECK(kc::sam_token_to_image(kernel_dtype(k), shape, query_folded.data_ptr(), query_bias.data_ptr(),
                                         k.data_ptr(), v.data_ptr(), kv_stride, v_weight.data_ptr(), v_bias.data_ptr(),
                                         out_weight.data_ptr(), out_bias.data_ptr(), residual.data_ptr(),
-                                        norm_weight.data_ptr(), norm_bias.data_ptr(), static_cast<float>(eps),
+                                        norm_weight.data_ptr(), norm_bias.data_ptr(), static_cast<float>(scale),
+                                        static_cast<float>(eps),
                                         scratch.data_ptr<float>(), tickets.data_ptr<int>(), out.data_ptr(),
                                         current_stream()));
   return out;

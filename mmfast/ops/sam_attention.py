@@ -110,33 +110,34 @@ def _merge_heads_out(out_heads: torch.Tensor, out_weight, out_bias, residual) ->
     return out if residual is None else out + residual
 
 
-def _fold_few_queries(q, p: Projections, heads: int, scale: float):
+def _fold_few_queries(q, p: Projections, heads: int):
     """The key projection folded into the few queries: (query_folded [B, H*Lq, C_kv] with row h*Lq + l,
-    query_bias [B, H*Lq]), scores_h = query_folded_h k_in^T + query_bias_h."""
+    query_bias [B, H*Lq]), scores_h = scale * (query_folded_h k_in^T + query_bias_h)."""
     b, lq, _ = q.shape
     internal, c_kv = p.k_weight.shape
     d = internal // heads
-    qp = F.linear(q, p.q_weight, p.q_bias).view(b, lq, heads, d) * scale
+    qp = F.linear(q, p.q_weight, p.q_bias).view(b, lq, heads, d)
     q_folded = torch.einsum("blhd,hdc->bhlc", qp, p.k_weight.view(heads, d, c_kv)).reshape(b, heads * lq, c_kv)
     q_bias = torch.einsum("blhd,hd->bhl", qp, p.k_bias.view(heads, d)).reshape(b, heads * lq)
     return q_folded, q_bias
 
 
-def _attend_folded_queries(q_folded, q_bias, k, v, v_weight, v_bias, out_weight, out_bias, heads: int, residual):
+def _attend_folded_queries(q_folded, q_bias, k, v, v_weight, v_bias, out_weight, out_bias, heads: int,
+                           scale: float, residual):
     """out_proj(attention) [+ residual] from the folded queries; k/v [B or 1, Lk, C_kv] (the image)."""
     b, rows, c_kv = q_folded.shape
     lq, d = rows // heads, v_weight.shape[0] // heads
     k, v = k.expand(b, -1, -1), v.expand(b, -1, -1)  # a shared image: stride 0, no copy
-    scores = torch.baddbmm(q_bias.unsqueeze(-1), q_folded, k.transpose(1, 2))          # [B, H*Lq, Lk]
+    scores = torch.baddbmm(q_bias.unsqueeze(-1), q_folded, k.transpose(1, 2), beta=scale, alpha=scale)  # [B, G, Lk]
     attended = torch.bmm(torch.softmax(scores, dim=-1), v)                              # [B, H*Lq, C_kv]
     out = torch.einsum("bhlc,hdc->blhd", attended.view(b, heads, lq, c_kv), v_weight.view(heads, d, c_kv))
     return _merge_heads_out(out + v_bias.view(heads, d), out_weight, out_bias, residual)
 
 
 def _few_queries(q, k, v, p: Projections, heads: int, scale: float, residual):
-    q_folded, q_bias = _fold_few_queries(q, p, heads, scale)
+    q_folded, q_bias = _fold_few_queries(q, p, heads)
     return _attend_folded_queries(q_folded, q_bias, k, v, p.v_weight, p.v_bias, p.out_weight, p.out_bias, heads,
-                                  residual)
+                                  scale, residual)
 
 
 def _project_kv_heads(k, v, p: Projections, heads: int):
@@ -147,13 +148,13 @@ def _project_kv_heads(k, v, p: Projections, heads: int):
             F.linear(v, p.v_weight, p.v_bias).view(b, lk, heads, d))
 
 
-def _out_proj_into_values(vp: torch.Tensor, p: Projections) -> torch.Tensor:
+def _out_proj_into_values(vp: torch.Tensor, p: Projections, with_bias: bool = True) -> torch.Tensor:
     """N [B, H*Lk, C] with N[h*Lk + j] = Wo_h v_hj + bo / H, so P @ N = out_proj(attention) when each
-    head's probabilities sum to 1. vp: projected values [B, Lk, H, d]."""
+    head's probabilities sum to 1 (without bo / H when not with_bias). vp: projected values [B, Lk, H, d]."""
     b, lk, heads, d = vp.shape
     c_out = p.out_weight.shape[0]
     n = torch.einsum("bjhd,ehd->bhje", vp, p.out_weight.view(c_out, heads, d)).reshape(b, heads * lk, c_out)
-    return n + p.out_bias / heads
+    return n + p.out_bias / heads if with_bias else n
 
 
 def _attend_few_keys(scores_t: torch.Tensor, n: torch.Tensor, residual) -> torch.Tensor:
@@ -167,28 +168,30 @@ def _attend_few_keys(scores_t: torch.Tensor, n: torch.Tensor, residual) -> torch
     return torch.baddbmm(residual.expand(b, -1, -1), probs, n)
 
 
-def _fold_few_keys(k, v, p: Projections, heads: int, scale: float):
+def _fold_few_keys(k, v, p: Projections, heads: int):
     """The query projection folded into the few keys and the output projection into their values:
-    (key_folded [B, H*Lk, C_q] = scale Wq_h^T k_hj, key_bias [B, H*Lk] = scale bq_h . k_hj,
-    value_folded [B, H*Lk, C_out] = N of _out_proj_into_values)."""
+    (key_folded [B, H*Lk, C_q] = Wq_h^T k_hj, key_bias [B, H*Lk] = bq_h . k_hj, value_folded [B, H*Lk, C_out]
+    = N of _out_proj_into_values without bo); scores = scale * (x key_folded^T + key_bias)."""
     kp, vp = _project_kv_heads(k, v, p, heads)
     b, lk, _, d = kp.shape
     c_q = p.q_weight.shape[1]
     key_folded = torch.einsum("hdc,bjhd->bhjc", p.q_weight.view(heads, d, c_q), kp).reshape(b, heads * lk, c_q)
     key_bias = torch.einsum("hd,bjhd->bhj", p.q_bias.view(heads, d), kp).reshape(b, heads * lk)
-    return key_folded * scale, key_bias * scale, _out_proj_into_values(vp, p)
+    return key_folded, key_bias, _out_proj_into_values(vp, p, with_bias=False)
 
 
-def _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head: int, residual):
-    """out_proj(attention) [+ residual] from the folded keys; x [B or 1, Lq, C_q] (the image side)."""
+def _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head: int, scale: float, residual):
+    """P @ value_folded [+ residual] from the folded keys; x [B or 1, Lq, C_q] (the image side)."""
     b, rows, _ = key_folded.shape
-    scores_t = torch.baddbmm(key_bias.unsqueeze(-1), key_folded, x.expand(b, -1, -1).transpose(1, 2))  # [B, G, Lq]
+    scores_t = torch.baddbmm(key_bias.unsqueeze(-1), key_folded, x.expand(b, -1, -1).transpose(1, 2), beta=scale,
+                             alpha=scale)  # [B, G, Lq]
     return _attend_few_keys(scores_t.view(b, rows // keys_per_head, keys_per_head, -1), value_folded, residual)
 
 
 def _few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
-    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads, scale)
-    return _attend_folded_keys(q, key_folded, key_bias, value_folded, k.shape[1], residual)
+    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads)
+    return _attend_folded_keys(q, key_folded, key_bias, value_folded + p.out_bias / heads, k.shape[1], scale,
+                               residual)
 
 
 def _shared_q_few_keys(q, k, v, p: Projections, heads: int, scale: float, residual):
@@ -268,20 +271,21 @@ def _check_folded(groups_name: str, groups: torch.Tensor, per_group: int, per_gr
             raise ValueError(f"mmfast: {name} has shape {tuple(t.shape)}, expected {want} (None: any)")
 
 
-def _image_to_token(x, key_folded, key_bias, value_folded, residual, norm_weight, norm_bias, eps, keys_per_head):
+def _image_to_token(x, key_folded, key_bias, value_folded, out_bias, residual, norm_weight, norm_bias, scale, eps,
+                    keys_per_head):
     """mmfast::sam_image_to_token off the GPU (and its meaning): the composition's ops on the folded operands."""
     b, g, c = key_folded.shape
     c_out = value_folded.shape[-1]
     _check_folded("key_folded", key_folded, keys_per_head, "keys_per_head", {
         "x": (x, (None, None, c)), "key_bias": (key_bias, (b, g)), "value_folded": (value_folded, (b, g, c_out)),
-        "residual": (residual, (None, x.shape[1], c_out)), "norm_weight": (norm_weight, (c_out,)),
-        "norm_bias": (norm_bias, (c_out,))})
-    out = _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head, residual)
+        "out_bias": (out_bias, (c_out,)), "residual": (residual, (None, x.shape[1], c_out)),
+        "norm_weight": (norm_weight, (c_out,)), "norm_bias": (norm_bias, (c_out,))})
+    out = _attend_folded_keys(x, key_folded, key_bias, value_folded, keys_per_head, scale, residual) + out_bias
     return F.layer_norm(out, out.shape[-1:], norm_weight, norm_bias, eps)
 
 
 def _token_to_image(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, residual, norm_weight,
-                    norm_bias, eps, heads):
+                    norm_bias, scale, eps, heads):
     """mmfast::sam_token_to_image off the GPU (and its meaning)."""
     b, g, c = query_folded.shape
     inner, c_out = v_weight.shape[0], out_weight.shape[0]
@@ -291,7 +295,7 @@ def _token_to_image(query_folded, query_bias, k, v, v_weight, v_bias, out_weight
         "out_bias": (out_bias, (c_out,)), "residual": (residual, (b, g // max(heads, 1), c_out)),
         "norm_weight": (norm_weight, (c_out,)), "norm_bias": (norm_bias, (c_out,))})
     out = _attend_folded_queries(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, heads,
-                                 residual)
+                                 scale, residual)
     return F.layer_norm(out, out.shape[-1:], norm_weight, norm_bias, eps)
 
 
@@ -300,26 +304,25 @@ if _fused_defined:
     torch.library.register_kernel("mmfast::sam_token_to_image", "cpu")(_token_to_image)
 
     @torch.library.register_fake("mmfast::sam_image_to_token")
-    def _(x, key_folded, key_bias, value_folded, residual, norm_weight, norm_bias, eps, keys_per_head):
+    def _(x, key_folded, key_bias, value_folded, out_bias, residual, norm_weight, norm_bias, scale, eps, keys_per_head):
         return x.new_empty((key_folded.shape[0], x.shape[1], value_folded.shape[2]))
 
     @torch.library.register_fake("mmfast::sam_token_to_image")
     def _(query_folded, query_bias, k, v, v_weight, v_bias, out_weight, out_bias, residual, norm_weight, norm_bias,
-          eps, heads):
+          scale, eps, heads):
         return query_folded.new_empty(residual.shape)
 
 
 def _fused_image_to_token(q, k, v, p: Projections, heads: int, scale: float, residual, norm):
-    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads, scale)
-    return torch.ops.mmfast.sam_image_to_token(q, key_folded, key_bias, value_folded, residual, norm[0], norm[1],
-                                               float(norm[2]), k.shape[1])
+    key_folded, key_bias, value_folded = _fold_few_keys(k, v, p, heads)
+    return torch.ops.mmfast.sam_image_to_token(q, key_folded, key_bias, value_folded, p.out_bias, residual, norm[0],
+                                               norm[1], scale, float(norm[2]), k.shape[1])
 
 
 def _fused_token_to_image(q, k, v, p: Projections, heads: int, scale: float, residual, norm):
-    query_folded, query_bias = _fold_few_queries(q, p, heads, scale)
+    query_folded, query_bias = _fold_few_queries(q, p, heads)
     return torch.ops.mmfast.sam_token_to_image(query_folded, query_bias, k, v, p.v_weight, p.v_bias, p.out_weight,
-                                               p.out_bias, residual, norm[0], norm[1],
-                                               float(norm[2]), heads)
+                                               p.out_bias, residual, norm[0], norm[1], scale, float(norm[2]), heads)
 
 
 def fused_block_kind(batch_q: int, batch_kv: int, batch_residual: int, lq: int, lk: int, heads: int,

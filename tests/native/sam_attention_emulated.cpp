@@ -1,9 +1,10 @@
 // Runs csrc/cuda/sam_attention.cu's fused SAM cross-attention blocks through their launchers (sam_image_to_token,
 // sam_token_to_image) on CPU threads with tests/native/cuda_emulation.h and checks them against float64 references
-// computed here from the same rounded inputs, exactly per mmfast/sam_attention_cuda.h: ragged row tiles and key
-// chunks, shared (batch stride 0) operands, one key / one query, odd channel counts, fp32/fp16/bf16; the token ->
-// image merge's tickets left at `chunks`. Run by tests/test_cuda_emulation.py; prints one line per failed check and
-// a summary, and exits with 0 only if every check passed.
+// computed here from the same rounded inputs, exactly per mmfast/sam_attention_cuda.h (scale 0.7): ragged row tiles
+// and key chunks, shared (batch stride 0) operands, one key / one query, odd channel counts, fp32/fp16/bf16; the
+// token -> image merge's tickets left at `chunks`. Run by tests/test_cuda_emulation.py; prints one line per failed
+// check and a summary, and exits with 0 only if every check passed.
+
 #include "cuda_emulation.h"
 #include "emulated_checks.h"
 
@@ -21,6 +22,7 @@ namespace kc = mmfast::cuda;
 using namespace mmfast_emulation::checks;
 
 constexpr float kEps = 1e-5f;
+constexpr float kScale = 0.7f;  // the scores' scale (head_dim^-0.5 in SAM): not 1, so a dropped scale shows
 
 // n values scale * N(0, 1) + shift rounded to T.
 template <typename T>
@@ -77,6 +79,7 @@ void run_image_to_token(const kc::ImageToTokenShape& s, bool shared_x, bool shar
   Vec<T> key_folded = random<T>(s.batch * G * C, gen, 0.5f);
   Vec<T> key_bias = random<T>(s.batch * G, gen, 0.5f);
   Vec<T> value_folded = random<T>(s.batch * G * O, gen, 0.5f);
+  Vec<T> out_bias = random<T>(O, gen, 0.5f);
   Vec<T> residual = random<T>((shared_residual ? 1 : s.batch) * R * O, gen, 0.5f);
   Vec<T> norm_weight = random<T>(O, gen, 0.1f, 1.f), norm_bias = random<T>(O, gen, 0.1f);
   const std::string tag = std::string(name_of<T>()) + " image_to_token b" + std::to_string(s.batch) + " rows" +
@@ -88,15 +91,17 @@ void run_image_to_token(const kc::ImageToTokenShape& s, bool shared_x, bool shar
 
   Vec<T> out = poisoned<T>(s.batch * R * O);
   launched(kc::sam_image_to_token(dtype_of<T>(), s, x.data(), x_stride, key_folded.data(), key_bias.data(),
-                                  value_folded.data(), residual.data(), res_stride, norm_weight.data(),
-                                  norm_bias.data(), kEps, out.data(), nullptr));
+                                  value_folded.data(), out_bias.data(), residual.data(), res_stride,
+                                  norm_weight.data(), norm_bias.data(), kScale, kEps, out.data(), nullptr));
 
   std::vector<double> ref(s.batch * R * O);
   for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t r = 0; r < R; ++r) {
       const T* xr = x.data() + b * x_stride + r * C;
       std::vector<double> y(O);
-      for (int64_t o = 0; o < O; ++o) y[o] = kc::to_float(residual[b * res_stride + r * O + o]);
+      for (int64_t o = 0; o < O; ++o) {
+        y[o] = double(kc::to_float(residual[b * res_stride + r * O + o])) + kc::to_float(out_bias[o]);
+      }
       for (int64_t h = 0; h < s.heads; ++h) {
         std::vector<double> score(s.keys);
         double m = -INFINITY, sum = 0;
@@ -105,8 +110,8 @@ void run_image_to_token(const kc::ImageToTokenShape& s, bool shared_x, bool shar
           double dot = kc::to_float(key_bias[b * G + g]);
           for (int64_t c = 0; c < C; ++c)
             dot += double(kc::to_float(xr[c])) * kc::to_float(key_folded[(b * G + g) * C + c]);
-          score[j] = dot;
-          m = std::max(m, dot);
+          score[j] = kScale * dot;
+          m = std::max(m, score[j]);
         }
         for (double& e : score) sum += (e = std::exp(e - m));
         for (int64_t j = 0; j < s.keys; ++j) {
@@ -152,7 +157,7 @@ void run_token_to_image(const kc::TokenToImageShape& s, bool shared_kv, unsigned
   Vec<T> out = poisoned<T>(s.batch * Q * O);
   launched(kc::sam_token_to_image(dtype_of<T>(), s, query_folded.data(), query_bias.data(), k.data(), v.data(),
                                   kv_stride, v_weight.data(), v_bias.data(), out_weight.data(), out_bias.data(),
-                                  residual.data(), norm_weight.data(), norm_bias.data(), kEps, scratch.data(),
+                                  residual.data(), norm_weight.data(), norm_bias.data(), kScale, kEps, scratch.data(),
                                   tickets.data(), out.data(), nullptr));
   bool tickets_left = true;
   for (int t : tickets) tickets_left = tickets_left && t == chunks;
@@ -171,8 +176,8 @@ void run_token_to_image(const kc::TokenToImageShape& s, bool shared_kv, unsigned
         double dot = kc::to_float(query_bias[b * G + g]);
         for (int64_t c = 0; c < C; ++c)
           dot += double(kc::to_float(query_folded[(b * G + g) * C + c])) * kc::to_float(kb[j * C + c]);
-        score[j] = dot;
-        m = std::max(m, dot);
+        score[j] = kScale * dot;
+        m = std::max(m, score[j]);
       }
       for (double& e : score) sum += (e = std::exp(e - m));
       for (int64_t j = 0; j < K; ++j)

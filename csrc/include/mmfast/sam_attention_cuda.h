@@ -21,10 +21,11 @@
 namespace mmfast::cuda {
 
 // ---- image -> token (few keys) -------------------------------------------------------------------------------
-// out[b, r, :] = LayerNorm(residual[b, r, :] + sum_g P[b, r, g] * value_folded[b, g, :]) * norm_weight + norm_bias,
-// with g = h * keys + j over heads x keys, scores[b, r, g] = x[b, r, :] . key_folded[b, g, :] + key_bias[b, g] and
-// P the softmax of the scores over each head's `keys` entries. (In SAM: x = image + pe, key_folded[h*keys + j] =
-// scale * Wq_h^T k_hj, value_folded[h*keys + j] = Wo_h v_hj + bo / heads.)
+// out[b, r, :] = LayerNorm(residual[b, r, :] + out_bias + sum_g P[b, r, g] * value_folded[b, g, :]) * norm_weight +
+// norm_bias, with g = h * keys + j over heads x keys, scores[b, r, g] = scale * (x[b, r, :] . key_folded[b, g, :] +
+// key_bias[b, g]) and P the softmax of the scores over each head's `keys` entries. (In SAM: x = image + pe,
+// key_folded[h*keys + j] = Wq_h^T k_hj, key_bias = bq_h . k_hj, value_folded[h*keys + j] = Wo_h v_hj: out_bias is
+// added once since each head's probabilities sum to 1. Scale and bias in the kernel save the glue 4 launches.)
 struct ImageToTokenShape {
   int64_t batch, rows, channels, out_channels, heads, keys;
 };
@@ -38,11 +39,13 @@ int64_t image_to_token_smem_bytes(const ImageToTokenShape& s);
 
 cudaError_t sam_image_to_token(DType dtype, const ImageToTokenShape& s, const void* x, int64_t x_batch_stride,
                                const void* key_folded, const void* key_bias, const void* value_folded,
-                               const void* residual, int64_t residual_batch_stride, const void* norm_weight,
-                               const void* norm_bias, float eps, void* out, cudaStream_t stream);
+                               const void* out_bias, const void* residual, int64_t residual_batch_stride,
+                               const void* norm_weight, const void* norm_bias, float scale, float eps, void* out,
+                               cudaStream_t stream);
 
 // ---- token -> image (few queries) ----------------------------------------------------------------------------
-// attended[b, g, :] = softmax_j(query_folded[b, g, :] . k[b, j, :] + query_bias[b, g]) @ v[b, :, :] over all keys j,
+// attended[b, g, :] = softmax_j(scale * (query_folded[b, g, :] . k[b, j, :] + query_bias[b, g])) @ v[b, :, :] over
+// all keys j,
 // g = h * queries + l; o[b, l, h*head_dim + i] = attended[b, h*queries + l, :] . v_weight[h*head_dim + i, :] +
 // v_bias[h*head_dim + i]; out[b, l, :] = LayerNorm(residual[b, l, :] + o[b, l, :] @ out_weight^T + out_bias).
 // The keys are split into chunks of kTokenToImageChunk, one block each; each block applies v_weight to its partial
@@ -65,7 +68,7 @@ int64_t token_to_image_scratch_floats(const TokenToImageShape& s);
 cudaError_t sam_token_to_image(DType dtype, const TokenToImageShape& s, const void* query_folded,
                                const void* query_bias, const void* k, const void* v, int64_t kv_batch_stride,
                                const void* v_weight, const void* v_bias, const void* out_weight, const void* out_bias,
-                               const void* residual, const void* norm_weight, const void* norm_bias, float eps,
-                               float* scratch, int* tickets, void* out, cudaStream_t stream);
+                               const void* residual, const void* norm_weight, const void* norm_bias, float scale,
+                               float eps, float* scratch, int* tickets, void* out, cudaStream_t stream);
 
 }  // namespace mmfast::cuda
