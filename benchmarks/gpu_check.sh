@@ -147,6 +147,18 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                                            False, True)
         torch.cuda.synchronize()
         print(f"clip_loss / siglip_loss blocks (+backward) {dtype} Bi={bi} Bt={bt} D={d}: ran", flush=True)
+    # SAM's fused blocks (forward only): 70 image rows / 130 keys (ragged tiles and chunks), x / k shared (batch 1)
+    for b_img, b_tok, heads, tokens, c, hd, c_out in ((1, 3, 4, 7, 40, 8, 24), (2, 2, 3, 1, 9, 3, 5)):
+        def r(*shape):
+            return torch.randn(*shape, device=dev, dtype=dtype)
+        g = heads * tokens
+        torch.ops.mmfast.sam_image_to_token(r(b_img, 70, c), r(b_tok, g, c), r(b_tok, g), r(b_tok, g, c_out),
+                                            r(c_out), r(b_img, 70, c_out), r(c_out), r(c_out), 0.3, 1e-5, tokens)
+        torch.ops.mmfast.sam_token_to_image(r(b_tok, g, c), r(b_tok, g), r(b_img, 130, c), r(b_img, 130, c),
+                                            r(heads * hd, c), r(heads * hd), r(c_out, heads * hd), r(c_out),
+                                            r(b_tok, tokens, c_out), r(c_out), r(c_out), 0.3, 1e-5, heads)
+        torch.cuda.synchronize()
+        print(f"sam_image_to_token / sam_token_to_image {dtype} heads={heads} tokens={tokens} C={c}: ran", flush=True)
 print("all CUDA ops ran under the sanitizer")
 EOF
 
