@@ -7,7 +7,8 @@
 //             tensor cores) -> similarity_epilogue: ONE read + ONE write of the output
 //             (eager reads/writes it again for `* scale`, `+ bias` and the softmax).
 //   backward  activation_backward (ds, one pass; the row's g and p cached in shared memory for the
-//             softmax's second sweep) -> cuBLAS ds @ y, ds^T @ x (fp32 out) -> normalize_backward
+//             softmax's second sweep; ds rows padded to 16 bytes, so cuBLAS takes its aligned tensor-core
+//             kernels at an odd class count) -> cuBLAS ds @ y, ds^T @ x (fp32 out) -> normalize_backward
 //             (grad through the normalization + per-row grad_scale partials) -> sum_pair.
 //   top-k     per class chunk: cuBLAS x @ y_chunk^T (fp32 scratch [N, chunk]) -> topk_merge_chunk
 //             (online log-sum-exp + running sorted top-k per row) ... -> topk_finalize.
@@ -203,13 +204,25 @@ __global__ void __launch_bounds__(256)
 
 // ================================ backward =====================================================
 
+// W values stored as T at p: one 16-byte store where p's row has the alignment of the rows the chunk was loaded
+// from (aligned), else element by element (a padded ds row: its 16-byte boundaries fall elsewhere).
+template <int W, typename T>
+__device__ __forceinline__ void store_f32_or_elements(T* p, const float (&x)[W], bool aligned) {
+  if (W == 1 || aligned) {
+    store_f32<W>(p, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i) p[i] = from_float<T>(x[i]);
+  }
+}
+
 // ds = dL/dlogits for one row per block, plus the row's sum of ds (grad_logit_bias partial).
 // softmax: sweep 1 r = sum g * p (caching g and p in shared memory when they fit), sweep 2
 // ds = p * (g - r). sigmoid: one sweep, ds = g * p * (1 - p). none: ds is g itself; only the sum.
 template <typename T, Act A>
 __global__ void __launch_bounds__(512)
     activation_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, T* __restrict__ ds,
-                               int64_t cols, float* __restrict__ row_sum_ds, bool use_cache) {
+                               int64_t ds_stride, int64_t cols, float* __restrict__ row_sum_ds, bool use_cache) {
   MMFAST_DYNAMIC_SMEM(unsigned char, smem);
   __shared__ float red[33];
   constexpr int V = kVec<T>;
@@ -217,8 +230,9 @@ __global__ void __launch_bounds__(512)
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * cols;
   const T* g = grad_out + offset;
   const T* p = A == Act::kNone ? nullptr : out + offset;  // kNone: out and ds are null
-  T* d = A == Act::kNone ? nullptr : ds + offset;
-  const RowSplit sp = split_row(g, cols);  // g, p, ds share it: same dtype, cols, aligned bases
+  T* d = A == Act::kNone ? nullptr : ds + static_cast<int64_t>(blockIdx.x) * ds_stride;
+  const RowSplit sp = split_row(g, cols);  // g and p share it: same dtype, cols, aligned bases
+  const bool ds_like_g = A == Act::kNone || split_row(d, cols).head == sp.head;  // else a padded ds row
 
   float sum_ds = 0.f;
   if constexpr (A == Act::kSoftmax) {
@@ -256,7 +270,7 @@ __global__ void __launch_bounds__(512)
               o[i] = f.b.f(i) * (f.a.f(i) - r);
               sum_ds += o[i];
             }
-            store_f32<W>(d + j, o);
+            store_f32_or_elements<W>(d + j, o, ds_like_g);
           });
     };
     if (use_cache) {
@@ -282,7 +296,7 @@ __global__ void __launch_bounds__(512)
             o[i] = f.a.f(i) * pv * (1.f - pv);
             sum_ds += o[i];
           }
-          store_f32<W>(d + j, o);
+          store_f32_or_elements<W>(d + j, o, ds_like_g);
         });
   } else {
     for_each_chunk<V>(
@@ -598,8 +612,8 @@ cudaError_t similarity_epilogue(DType dtype, void* out, int64_t rows, int64_t co
   });
 }
 
-cudaError_t activation_backward(DType dtype, const void* grad_out, const void* out, void* ds, int64_t rows,
-                                int64_t cols, Act act, float* row_sum_ds, int64_t max_cache_bytes,
+cudaError_t activation_backward(DType dtype, const void* grad_out, const void* out, void* ds, int64_t ds_stride,
+                                int64_t rows, int64_t cols, Act act, float* row_sum_ds, int64_t max_cache_bytes,
                                 cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -614,11 +628,11 @@ cudaError_t activation_backward(DType dtype, const void* grad_out, const void* o
       const int64_t smem = use_cache ? bytes : 0;
       auto kernel = activation_backward_kernel<T, Act::kSoftmax>;
       if (cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-      MMFAST_LAUNCH(kernel, grid(rows), threads, smem, stream, g, p, d, cols, row_sum_ds, use_cache);
+      MMFAST_LAUNCH(kernel, grid(rows), threads, smem, stream, g, p, d, ds_stride, cols, row_sum_ds, use_cache);
     } else {
       auto kernel = act == Act::kSigmoid ? activation_backward_kernel<T, Act::kSigmoid>
                                          : activation_backward_kernel<T, Act::kNone>;
-      MMFAST_LAUNCH(kernel, grid(rows), threads, 0, stream, g, p, d, cols, row_sum_ds, false);
+      MMFAST_LAUNCH(kernel, grid(rows), threads, 0, stream, g, p, d, ds_stride, cols, row_sum_ds, false);
     }
     return cudaGetLastError();
   });

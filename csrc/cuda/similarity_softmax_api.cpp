@@ -215,14 +215,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_softmax_ba
 
   const at::Tensor g = aligned(grad_out);
   at::Tensor row_sum_ds = at::empty({n}, image.options().dtype(at::kFloat));
-  at::Tensor ds = g;  // activation "none": ds is grad_out itself
+  // ds [N, C] with rows padded to 16 bytes (a view of [N, ld]): cuBLAS takes its fast tensor-core GEMMs only for
+  // aligned leading dimensions, and an odd class count left the H200's two gradient GEMMs at 138 TFLOP/s (1.99 ms
+  // at fp16 N=4096, C=21843, D=768: RESULTS.md's floor-gemm backward row, which multiplies unpadded operands).
+  const int64_t per_16_bytes = 16 / static_cast<int64_t>(g.element_size());
+  const int64_t ld = (c + per_16_bytes - 1) / per_16_bytes * per_16_bytes;
+  at::Tensor ds = g;  // activation "none": ds is grad_out itself, copied into padded rows where C needs them
   if (act == Activation::kNone) {
-    C10_CUDA_CHECK(kc::activation_backward(kernel_dtype(g), g.data_ptr(), nullptr, nullptr, n, c, kc::Act::kNone,
+    C10_CUDA_CHECK(kc::activation_backward(kernel_dtype(g), g.data_ptr(), nullptr, nullptr, 0, n, c, kc::Act::kNone,
                                            row_sum_ds.data_ptr<float>(), 0, stream));
+    if (ld != c) ds = at::empty({n, ld}, g.options()).narrow(1, 0, c).copy_(g);
   } else {
     const at::Tensor p = aligned(out);
-    ds = at::empty_like(g);
-    C10_CUDA_CHECK(kc::activation_backward(kernel_dtype(g), g.data_ptr(), p.data_ptr(), ds.data_ptr(), n, c,
+    ds = at::empty({n, ld}, g.options()).narrow(1, 0, c);
+    C10_CUDA_CHECK(kc::activation_backward(kernel_dtype(g), g.data_ptr(), p.data_ptr(), ds.data_ptr(), ld, n, c,
                                            kernel_act(act), row_sum_ds.data_ptr<float>(), row_cache_bytes(), stream));
   }
   // fp32 outputs (mm.dtype): the normalization backward reads unrounded G and H.

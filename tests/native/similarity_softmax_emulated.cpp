@@ -13,6 +13,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -125,12 +126,20 @@ void run_rows(int64_t n, int64_t c, int64_t d, unsigned seed) {
       g[i * c + j] = kc::from_float<T>(normal(gen));
     }
   }
-  for (const kc::Act act : {kc::Act::kSoftmax, kc::Act::kSigmoid, kc::Act::kNone}) {
-    const char* name = act == kc::Act::kSoftmax ? "softmax" : act == kc::Act::kSigmoid ? "sigmoid" : "none";
-    Vec<T> ds = poisoned<T>(act == kc::Act::kNone ? 0 : n * c);
+  // ds rows c apart, and padded to 16 bytes as the glue lays them out for cuBLAS (element stores where a padded
+  // row's alignment differs from g's).
+  const int64_t padded = (c + 1 + kc::kVec<T> - 1) / kc::kVec<T> * kc::kVec<T>;
+  for (const auto& [act, ld] : {std::pair{kc::Act::kSoftmax, c}, std::pair{kc::Act::kSoftmax, padded},
+                                std::pair{kc::Act::kSigmoid, c}, std::pair{kc::Act::kSigmoid, padded},
+                                std::pair{kc::Act::kNone, c}}) {
+    const std::string name = std::string(act == kc::Act::kSoftmax   ? "softmax"
+                                         : act == kc::Act::kSigmoid ? "sigmoid"
+                                                                    : "none") +
+                             (ld == c ? "" : " (padded ds rows)");
+    Vec<T> ds = poisoned<T>(act == kc::Act::kNone ? 0 : n * ld);
     Vec<float> row_sum = poisoned<float>(n);
-    launched(kc::activation_backward(dtype_of<T>(), g.data(), p.data(), data_or_null(ds), n, c, act, row_sum.data(),
-                                     1 << 20, nullptr));
+    launched(kc::activation_backward(dtype_of<T>(), g.data(), p.data(), data_or_null(ds), ld, n, c, act,
+                                     row_sum.data(), 1 << 20, nullptr));
     double worst = 0, worst_sum = 0;
     for (int64_t i = 0; i < n; ++i) {
       double delta = 0, sum = 0, size = 0;
@@ -142,7 +151,7 @@ void run_rows(int64_t n, int64_t c, int64_t d, unsigned seed) {
         // rounding of ds to T, and fp32 delta (c terms) inside the product
         const double bound =
             u * std::abs(want) + 0x1p-22 * std::abs(pv) * (std::abs(gv) + std::abs(delta) + c * 0x1p-2) + tiny;
-        if (act != kc::Act::kNone) worst = std::max(worst, std::abs(kc::to_float(ds[i * c + j]) - want) / bound);
+        if (act != kc::Act::kNone) worst = std::max(worst, std::abs(kc::to_float(ds[i * ld + j]) - want) / bound);
         sum += want;
         size += std::abs(want);
       }

@@ -43,8 +43,9 @@ cudaError_t similarity_epilogue(DType dtype, void* out, int64_t rows, int64_t co
 // ds = dL/d(logits) from grad_out and out [rows, cols] (softmax: p * (g - sum(g * p)); sigmoid:
 // g * p * (1 - p)); act = kNone writes no ds (ds is grad_out itself), ds may then be null.
 // row_sum_ds[r] = sum_c ds[r, c] in fp32 (the per-row partials of grad_logit_bias).
-cudaError_t activation_backward(DType dtype, const void* grad_out, const void* out, void* ds, int64_t rows,
-                                int64_t cols, Act act, float* row_sum_ds, int64_t max_cache_bytes,
+// ds's rows are ds_stride >= cols elements apart (the glue pads them to 16 bytes for cuBLAS).
+cudaError_t activation_backward(DType dtype, const void* grad_out, const void* out, void* ds, int64_t ds_stride,
+                                int64_t rows, int64_t cols, Act act, float* row_sum_ds, int64_t max_cache_bytes,
                                 cudaStream_t stream);
 
 // The gradient through scale * normalize(src): g = grad_unit [rows, dim] (fp32, = d(loss)/d(scale *
