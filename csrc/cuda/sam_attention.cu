@@ -55,11 +55,30 @@ __host__ __device__ inline ImageToTokenLayout image_to_token_layout(const ImageT
   return l;
 }
 
-// Sum over the kRowGroup aligned lanes of a row group (every lane of the warp must call it).
-__device__ __forceinline__ float row_group_sum(float v) {
+// Sum over `Width` aligned lanes (a power of two <= 32; every lane of the warp must call it), fixed order.
+template <int Width>
+__device__ __forceinline__ float lanes_sum(float v) {
 #pragma unroll
-  for (int o = 1; o < kRowGroup; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 1; o < Width; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// out_row = LayerNorm(y) * weight + bias for one fp32 row y of n values, by `Width` aligned lanes, `lane` among them
+// (values lane, lane + Width, ...): two passes (the mean, then the variance about it: no cancellation). Every lane
+// of the warp must call it (shuffles); out_row null: the row is not written (a tile's rows past the end).
+template <int Width, typename T>
+__device__ __forceinline__ void layer_norm_row(const float* y, int n, int lane, const T* weight, const T* bias,
+                                               float eps, T* out_row) {
+  float partial = 0.f;
+  for (int e = lane; e < n; e += Width) partial += y[e];
+  const float mean = lanes_sum<Width>(partial) / static_cast<float>(n);
+  partial = 0.f;
+  for (int e = lane; e < n; e += Width) partial += (y[e] - mean) * (y[e] - mean);
+  const float rstd = 1.f / sqrtf(lanes_sum<Width>(partial) / static_cast<float>(n) + eps);
+  if (out_row == nullptr) return;
+  for (int e = lane; e < n; e += Width) {
+    out_row[e] = from_float<T>((y[e] - mean) * rstd * to_float(weight[e]) + to_float(bias[e]));
+  }
 }
 
 template <typename T>
@@ -131,32 +150,20 @@ __global__ void __launch_bounds__(kThreads) image_to_token_kernel(
   }
   __syncthreads();  // every head's probabilities are in; the x tile is free
 
-  // y = residual + P @ value_folded, into the tile (each thread re-reads only what it wrote), then LayerNorm with
-  // the mean and variance summed over the row group in a fixed order (two passes: no cancellation).
+  // y = residual + out_bias + P @ value_folded, into the tile (each thread re-reads only what it wrote), then
+  // LayerNorm over the row group.
   const int64_t row = r0 + r;
   const bool live = row < s.rows;
   const T* res_row = residual + b * residual_batch_stride + row * c_out;
   const float* p_row = probs + r * l.probs_stride;
   float* y_row = tile + r * l.tile_stride;
-  float partial = 0.f;
   for (int e = lane; e < c_out; e += kRowGroup) {
     float y = live ? to_float(res_row[e]) + to_float(out_bias[e]) : 0.f;
     for (int g = 0; g < g_count; ++g) y += p_row[g] * value_s[g * c_out + e];
     y_row[e] = y;
-    partial += y;
   }
-  const float mean = row_group_sum(partial) / static_cast<float>(c_out);
-  partial = 0.f;
-  for (int e = lane; e < c_out; e += kRowGroup) {
-    const float d = y_row[e] - mean;
-    partial += d * d;
-  }
-  const float rstd = 1.f / sqrtf(row_group_sum(partial) / static_cast<float>(c_out) + eps);
-  if (!live) return;
-  T* out_row = out + (b * s.rows + row) * c_out;
-  for (int e = lane; e < c_out; e += kRowGroup) {
-    out_row[e] = from_float<T>((y_row[e] - mean) * rstd * to_float(norm_weight[e]) + to_float(norm_bias[e]));
-  }
+  layer_norm_row<kRowGroup>(y_row, c_out, lane, norm_weight, norm_bias, eps,
+                            live ? out + (b * s.rows + row) * c_out : nullptr);
 }
 
 // ================================ token -> image ===============================================
@@ -342,19 +349,9 @@ __global__ void __launch_bounds__(kThreads) token_to_image_kernel(
   }
   __syncthreads();
 
-  // LayerNorm: one warp per query row, two passes (mean, then the variance about it).
+  // LayerNorm: one warp per query row.
   for (int q = warp; q < queries; q += warps) {
-    const float* y = sums + q * c_out;
-    float partial = 0.f;
-    for (int e = lane; e < c_out; e += 32) partial += y[e];
-    const float mean = warp_sum(partial) / static_cast<float>(c_out);
-    partial = 0.f;
-    for (int e = lane; e < c_out; e += 32) partial += (y[e] - mean) * (y[e] - mean);
-    const float rstd = 1.f / sqrtf(warp_sum(partial) / static_cast<float>(c_out) + eps);
-    T* out_row = out + (b * queries + q) * c_out;
-    for (int e = lane; e < c_out; e += 32) {
-      out_row[e] = from_float<T>((y[e] - mean) * rstd * to_float(norm_weight[e]) + to_float(norm_bias[e]));
-    }
+    layer_norm_row<32>(sums + q * c_out, c_out, lane, norm_weight, norm_bias, eps, out + (b * queries + q) * c_out);
   }
 }
 
