@@ -65,7 +65,7 @@ def cases(small: bool):
             return fn
         return make
 
-    def similarity(n, c, d, dtype):
+    def similarity(n, c, d, dtype, topk=None):
         def make(dev):
             g = torch.Generator(device="cpu").manual_seed(0)
             image, text = torch.randn(n, d, generator=g).to(dev, dtype), torch.randn(c, d, generator=g).to(dev, dtype)
@@ -73,7 +73,8 @@ def cases(small: bool):
 
             def fn():
                 with torch.no_grad():
-                    return [mmfast.similarity_softmax(image, text, 100.0, backend=backend)]
+                    out = mmfast.similarity_softmax(image, text, 100.0, topk=topk, backend=backend)
+                    return list(out) if topk else [out]
             return fn
         return make
 
@@ -81,7 +82,8 @@ def cases(small: bool):
     if small:
         return [("attention bf16 small forward", attention(1, 2, 8, 40, 8, 16, bf16, False)),
                 ("clip bf16 B=64", loss("clip", 64, 32, bf16)),
-                ("similarity fp16 37x101", similarity(37, 101, 24, fp16))]
+                ("similarity fp16 37x101", similarity(37, 101, 24, fp16)),
+                ("similarity top-5 fp16 37x101", similarity(37, 101, 24, fp16, topk=5))]
     return [
         ("attention bf16 Perceiver forward", attention(8, 8, 64, 256, 64, 64, bf16, False)),
         ("attention bf16 Perceiver forward+backward", attention(8, 8, 64, 256, 64, 64, bf16, True)),
@@ -90,6 +92,7 @@ def cases(small: bool):
         ("clip bf16 B=16384 D=768 forward+backward", loss("clip", 16384, 768, bf16)),
         ("siglip bf16 B=16384 D=768 forward+backward", loss("siglip", 16384, 768, bf16)),
         ("similarity fp16 N=4096 C=21843 D=768 forward", similarity(4096, 21843, 768, fp16)),
+        ("similarity top-5 fp16 N=4096 C=21843 D=768 forward", similarity(4096, 21843, 768, fp16, topk=5)),
     ]
 
 

@@ -281,13 +281,13 @@ def test_contrastive_loss_fused_kernels_compile_for_sm90a_without_spills(tmp_pat
             assert_compiled_without_spills(kernels, rf"\d+{name}I{dtype}E", f"{name}<{dtype.lstrip('0123456789')}>")
 
 
-def test_similarity_dots_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    """csrc/cuda/similarity_softmax.cu for sm_90a: the tensor-core dot-product kernel (a 128 x 128 tile per block)
-    for fp16 and bf16 keeps its 16 x 128 accumulator per warp in registers. ~15 s."""
+def test_similarity_tensor_core_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """csrc/cuda/similarity_softmax.cu for sm_90a: the tensor-core kernels (dot products, top-k tiles; a 128 x 128
+    tile per block) for fp16 and bf16 keep their 16 x 128 accumulator per warp in registers. ~15 s."""
     kernels = ptxas_report(ROOT / "csrc" / "cuda" / "similarity_softmax.cu", tmp_path)
-    for dtype in ("6__half", "13__nv_bfloat16"):
-        assert_compiled_without_spills(kernels, rf"\d+similarity_dots_kernelI{dtype}E",
-                                       f"similarity_dots_kernel<{dtype.lstrip('0123456789')}>")
+    for name in ("similarity_dots_kernel", "topk_tiles_kernel"):
+        for dtype in ("6__half", "13__nv_bfloat16"):
+            assert_compiled_without_spills(kernels, rf"\d+{name}I{dtype}E", f"{name}<{dtype.lstrip('0123456789')}>")
 
 
 def test_sam_attention_kernels_compile_for_sm90a_without_spills(tmp_path):

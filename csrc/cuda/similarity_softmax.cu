@@ -12,6 +12,9 @@
 //             (grad through the normalization + per-row grad_scale partials) -> sum_pair.
 //   top-k     per class chunk: cuBLAS x @ y_chunk^T (fp32 scratch [N, chunk]) -> topk_merge_chunk
 //             (online log-sum-exp + running sorted top-k per row) ... -> topk_finalize.
+//             fp16/bf16, k <= 32 with MMFAST_CUDA_TENSOR_CORES=1: topk_tiles_kernel takes the logits from
+//             tensor-core tiles and keeps each row's top-k and (max, sum-exp) on chip, per group of
+//             column tiles -> topk_merge_groups -> the same topk_finalize; no [N, chunk] scratch.
 //             Backward recomputes the chunk's logits the same way -> topk_backward_tile -> the
 //             two GEMMs per chunk -> the same normalize_backward / sum_pair.
 //
@@ -500,6 +503,181 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// ---- top-k on the tensor cores (fp16/bf16, k <= kFusedTopK; opt-in, see similarity_topk_fused) -----------
+// A block takes 128 rows against one group of consecutive 128-column tiles. Per tile: block_tile_dots (as
+// similarity_dots_kernel), the logits l = scale * dot + bias in the accumulators, each lane's online
+// (max, sum-exp) of its rows g and g + 8, and then the top-k: lists[row][0, k) in shared memory, the row's best
+// keys so far in descending order. Only a logit that is not below the logit of the row's k-th key (tau) can
+// enter, so a warp ballots that first and skips the rest of the tile's top-k work when no lane has one (after
+// the first tiles the common case: about k * 128 / (columns seen) candidates per row and tile for random
+// order). Otherwise the warp stages its 16 x 64 logits per column half in shared memory (the operand tiles,
+// free until the next block_tile_dots) and merges, row by row, each lane's keys above tau into the list with a
+// warp-wide bitonic merge. Outputs per (group, row): the list and the state, merged by topk_merge_groups.
+constexpr int kFusedTopK = 32;      // one list entry per lane in the warp merge
+constexpr int kStagePitch = 72;     // floats per staged row of 64 logits
+// Blocks per SM: ptxas gives topk_tiles_kernel 128 registers (sm_90a), so 2 blocks of 256 threads fill the 64K
+// registers (shared memory would allow 3 of 69.6 KB).
+constexpr int kFusedTopkTargetBlocks = 2;
+
+// The 32 keys held one per lane, sorted ascending across the lanes (a bitonic network on shuffles).
+__device__ __forceinline__ uint64_t warp_sort_ascending(uint64_t v, int lane) {
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const uint64_t other = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(v), stride);
+      // Runs of `size` lanes alternate ascending / descending, so each pair of runs is bitonic for the next size.
+      const bool keep_min = ((lane & stride) == 0) == ((lane & size) == 0);
+      if (keep_min ? other < v : other > v) v = other;
+    }
+  }
+  return v;
+}
+
+// list: a descending list, one key per lane (0 past its end); cand: up to 32 keys, one per lane, 0 for none.
+// Returns the 32 largest keys of both, descending: max(list[i], sorted cand[i]) pairs a descending with an
+// ascending sequence, which leaves the 32 largest as one bitonic sequence; a bitonic merge sorts it.
+__device__ __forceinline__ uint64_t warp_merge_top(uint64_t list, uint64_t cand, int lane) {
+  cand = warp_sort_ascending(cand, lane);
+  uint64_t m = list > cand ? list : cand;
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) {
+    const uint64_t other = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(m), stride);
+    if ((lane & stride) == 0 ? other > m : other < m) m = other;
+  }
+  return m;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDotThreads)
+    topk_tiles_kernel(const T* __restrict__ x, const T* __restrict__ y, int64_t n, int64_t c, int64_t d,
+                      const float* __restrict__ scale_p, const float* __restrict__ bias_p, int k,
+                      int64_t tiles_per_group, uint64_t* __restrict__ part_keys, float* __restrict__ part_max,
+                      float* __restrict__ part_sum) {
+  constexpr int kTileElems = kDotTile * (kDotK + 8);
+  // The operand tiles during the products, then each warp's staged logits (16 rows x kStagePitch floats).
+  __shared__ __align__(16) unsigned char tiles[2 * kTileElems * sizeof(T)];
+  static_assert(kDotThreads / 32 * 16 * kStagePitch * sizeof(float) <= sizeof(tiles), "staging fits the tiles");
+  MMFAST_DYNAMIC_SMEM(uint64_t, lists);  // [kDotTile][k]
+  T* row_tile = reinterpret_cast<T*>(tiles);
+  T* col_tile = row_tile + kTileElems;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float* stage = reinterpret_cast<float*>(tiles) + warp * 16 * kStagePitch;
+  uint64_t* warp_lists = lists + warp * 16 * k;  // a warp reads and writes only its own 16 rows' lists
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kDotTile, row_g = r0 + warp * 16 + g;
+  const bool row_valid[2] = {row_g < n, row_g + 8 < n};
+  const int64_t col_tiles = (c + kDotTile - 1) / kDotTile;
+  const int64_t tile_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_group;
+  const int64_t tile_end = tile_begin + tiles_per_group < col_tiles ? tile_begin + tiles_per_group : col_tiles;
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+
+  for (int i = lane; i < 16 * k; i += 32) warp_lists[i] = 0ull;
+  __syncwarp();
+  SoftmaxState st[2] = {empty_softmax_state(), empty_softmax_state()};
+  float acc[kDotTile / 8][4];
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t j0 = tile * kDotTile;
+    block_tile_dots<T, kDotTile, kDotTile, kDotK, kDotThreads>(acc, row_tile, col_tile, x, y, d, r0, n, j0, c);
+    bool candidate[2][2] = {{false, false}, {false, false}};  // [row g / g + 8][column half]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint64_t tau = warp_lists[(g + 8 * h) * k + k - 1];
+      const float lowest = tau == 0ull ? -INFINITY : key_logit(tau);  // a list not yet full takes anything
+      float l[kDotTile / 4];
+#pragma unroll
+      for (int j = 0; j < kDotTile / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t col = j0 + 8 * j + 2 * t + e;
+          float& v = acc[j][2 * h + e];
+          v = col < c ? fmaf(scale, v, bias) : -INFINITY;
+          l[2 * j + e] = v;
+          candidate[h][j / 8] |= row_valid[h] && !(v < lowest);  // NaN ranks first: a candidate too
+        }
+      }
+      softmax_add(st[h], l);
+    }
+    __syncthreads();  // every warp is done with the operand tiles: they become the staging area
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const unsigned need[2] = {__ballot_sync(0xffffffffu, candidate[0][half]),
+                                __ballot_sync(0xffffffffu, candidate[1][half])};
+      if ((need[0] | need[1]) == 0u) continue;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int j = 8 * half + jj;
+        stage[g * kStagePitch + 8 * jj + 2 * t] = acc[j][0];
+        stage[g * kStagePitch + 8 * jj + 2 * t + 1] = acc[j][1];
+        stage[(g + 8) * kStagePitch + 8 * jj + 2 * t] = acc[j][2];
+        stage[(g + 8) * kStagePitch + 8 * jj + 2 * t + 1] = acc[j][3];
+      }
+      __syncwarp();
+      for (int ri = 0; ri < 16; ++ri) {
+        if (((need[ri / 8] >> (4 * (ri % 8))) & 0xfu) == 0u) continue;  // warp-uniform: a ballot
+        uint64_t* list = warp_lists + ri * k;
+        const uint64_t tau = list[k - 1];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t col = j0 + 64 * half + 2 * lane + e;
+          uint64_t key = col < c ? topk_key(stage[ri * kStagePitch + 2 * lane + e], static_cast<uint32_t>(col)) : 0ull;
+          if (key <= tau) key = 0ull;
+          if (__ballot_sync(0xffffffffu, key != 0ull) == 0u) continue;
+          const uint64_t top = warp_merge_top(lane < k ? list[lane] : 0ull, key, lane);
+          __syncwarp();  // every lane has read the list before it changes
+          if (lane < k) list[lane] = top;
+          __syncwarp();
+        }
+      }
+      __syncwarp();  // the staged half is read before the next one overwrites it
+    }
+  }
+
+  // Each row's state is spread over the 4 lanes t of its group: merge them in a fixed tree.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      const SoftmaxState other{__shfl_xor_sync(0xffffffffu, st[h].max, o), __shfl_xor_sync(0xffffffffu, st[h].sum, o)};
+      st[h] = softmax_merge(st[h], other);
+    }
+    if (t == 0 && row_valid[h]) {
+      part_max[blockIdx.y * n + row_g + 8 * h] = st[h].max;
+      part_sum[blockIdx.y * n + row_g + 8 * h] = st[h].sum;
+    }
+  }
+  for (int i = lane; i < 16 * k; i += 32) {
+    const int64_t row = r0 + warp * 16 + i / k;
+    if (row < n) part_keys[(blockIdx.y * n + row) * k + i % k] = warp_lists[i];
+  }
+}
+
+// One block per row: the groups' lists (groups * k <= kSortCap keys, 0 pads) sorted together, the best k kept,
+// and the groups' states merged in group order (deterministic).
+__global__ void __launch_bounds__(kTopkThreads)
+    topk_merge_groups_kernel(const uint64_t* __restrict__ part_keys, const float* __restrict__ part_max,
+                             const float* __restrict__ part_sum, int64_t n, int k, int groups,
+                             uint64_t* __restrict__ keys, float* __restrict__ row_max, float* __restrict__ row_sum) {
+  __shared__ uint64_t buf[kSortCap];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const int total = groups * k;
+  int p = 1;
+  while (p < total) p <<= 1;
+  for (int i = tid; i < p; i += nthreads) buf[i] = i < total ? part_keys[((i / k) * n + row) * k + i % k] : 0ull;
+  __syncthreads();
+  bitonic_sort_desc(buf, p, tid, nthreads);
+  for (int i = tid; i < k; i += nthreads) keys[row * k + i] = buf[i];
+  if (tid == 0) {
+    SoftmaxState st = empty_softmax_state();
+    for (int grp = 0; grp < groups; ++grp) {
+      st = softmax_merge(st, SoftmaxState{part_max[grp * n + row], part_sum[grp * n + row]});
+    }
+    row_max[row] = st.max;
+    row_sum[row] = st.sum;
+  }
+}
+
 // ds of one class chunk for one row per block (see the header). The row's top-k classes inside the
 // chunk are marked in a shared slot table (class -> rank), so the sweep over the chunk is one
 // coalesced pass with no search; ranks come from `indices`, which similarity_topk makes distinct.
@@ -667,6 +845,52 @@ cudaError_t topk_merge_chunk(const float* dots, int64_t rows, int64_t width, int
   MMFAST_LAUNCH(topk_merge_chunk_kernel, grid(rows), kTopkThreads, 0, stream, dots, width, c0, scale, bias, k, keys,
                 row_max, row_sum);
   return cudaGetLastError();
+}
+
+int topk_fused_groups(int64_t rows, int64_t cols, int k, int sm_count) {
+  const int64_t row_tiles = (rows + kDotTile - 1) / kDotTile, col_tiles = (cols + kDotTile - 1) / kDotTile;
+  if (row_tiles == 0 || col_tiles == 0 || k < 1) return 1;
+  const int64_t target = static_cast<int64_t>(kFusedTopkTargetBlocks) * std::max(sm_count, 1);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(col_tiles, kSortCap / k));
+  const int64_t want = std::clamp<int64_t>((target + row_tiles - 1) / row_tiles, 1, most);
+  const int64_t per_group = (col_tiles + want - 1) / want;
+  return static_cast<int>((col_tiles + per_group - 1) / per_group);  // no group left without a tile
+}
+
+int topk_fused_groups(int64_t rows, int64_t cols, int k) {
+  return topk_fused_groups(rows, cols, k, cached_device_attribute<cudaDevAttrMultiProcessorCount>(1));
+}
+
+bool similarity_topk_fused_supported(DType dtype, int k, int64_t cols) {
+  return tensor_core_dtype(dtype) && k >= 1 && k <= kFusedTopK && cols <= 0xffffffffll;
+}
+
+cudaError_t similarity_topk_fused(DType dtype, const void* x, const void* y, int64_t rows, int64_t cols, int64_t dim,
+                                  const float* scale, const float* bias, int k, int groups, uint64_t* part_keys,
+                                  float* part_max, float* part_sum, uint64_t* keys, float* row_max, float* row_sum,
+                                  cudaStream_t stream) {
+  if (k < 1 || k > kFusedTopK || groups < 1 || groups > kSortCap / k || cols > 0xffffffffll) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const int64_t col_tiles = (cols + kDotTile - 1) / kDotTile;
+  const int64_t tiles_per_group = (col_tiles + groups - 1) / groups;
+  const int64_t lists_bytes = static_cast<int64_t>(kDotTile) * k * sizeof(uint64_t);
+  cudaError_t attribute = cudaSuccess;
+  const cudaError_t launched = dispatch_tensor_core_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // Always set: the default dynamic limit is 48 KB less the kernel's 36 KB of static tiles.
+    attribute = cudaFuncSetAttribute(topk_tiles_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(lists_bytes));
+    if (attribute != cudaSuccess) return;
+    const dim3 blocks(grid((rows + kDotTile - 1) / kDotTile), static_cast<unsigned>(groups));
+    MMFAST_LAUNCH(topk_tiles_kernel<T>, blocks, kDotThreads, lists_bytes, stream, static_cast<const T*>(x),
+                  static_cast<const T*>(y), rows, cols, dim, scale, bias, k, tiles_per_group, part_keys, part_max,
+                  part_sum);
+    MMFAST_LAUNCH(topk_merge_groups_kernel, grid(rows), kTopkThreads, 0, stream, part_keys, part_max, part_sum, rows,
+                  k, groups, keys, row_max, row_sum);
+  });
+  return attribute != cudaSuccess ? attribute : launched;
 }
 
 cudaError_t topk_finalize(DType dtype, const uint64_t* keys, const float* row_max, const float* row_sum, int64_t rows,

@@ -12,7 +12,8 @@
 // are formed from the linear thread index, as on a GPU; the block size must be a multiple of 32); dynamic
 // shared memory declared with MMFAST_DYNAMIC_SMEM; static __shared__ arrays (function-local statics: one
 // copy, right because blocks never overlap; not refilled with NaN, so a block reads what the previous
-// block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int) with a full mask;
+// block left there); __shfl_xor_sync of any type up to 8 bytes (float, double, int, uint64) with a full mask;
+// __ballot_sync (full mask) and __syncwarp, which need the warp's lanes on the same path, as on a GPU;
 // the intrinsics __fmul_rn, __fadd_rn, __frcp_rn (rounded as on the device where -ffp-contract=off keeps
 // g++ from fusing them into an fma), __fsqrt_rn, __int_as_float, __uint_as_float, __float_as_uint, the int
 // atomicAdd, __threadfence and the int min/max of device code; the tensor-core
@@ -109,6 +110,22 @@ V shfl_xor(V v, int lane_mask) {
   std::memcpy(&r, &slots[w * 32 + (lane ^ static_cast<unsigned>(lane_mask))], sizeof(V));
   return r;
 }
+
+// __ballot_sync(full mask, pred): bit l of the result is lane l's pred. The same exchange as shfl_xor.
+inline unsigned ballot(bool pred) {
+  const unsigned t = linear_thread, w = t / 32;
+  Block& b = *current_block;
+  uint64_t* slots = b.exchange[shuffle_parity].data();
+  shuffle_parity ^= 1;
+  slots[t] = pred ? 1 : 0;
+  b.warps[w]->arrive_and_wait();
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l) bits |= static_cast<unsigned>(slots[w * 32 + l]) << l;
+  return bits;
+}
+
+// __syncwarp(): the warp's lanes meet; their shared-memory writes before it are visible after it.
+inline void syncwarp() { current_block->warps[linear_thread / 32]->arrive_and_wait(); }
 
 // ---- tensor cores: mma.m16n8k16 and ldmatrix (mmfast/mma.cuh calls these under emulation) --------------
 // Both follow the PTX ISA's fragment layouts (spelled out in mmfast/mma.cuh) and the shuffle's exchange:
@@ -298,6 +315,8 @@ using std::min;
 #define gridDim ::mmfast_emulation::grid_dim
 #define __syncthreads() ::mmfast_emulation::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::mmfast_emulation::shfl_xor((v), (lane_mask))
+#define __ballot_sync(mask, pred) ::mmfast_emulation::ballot(pred)
+#define __syncwarp() ::mmfast_emulation::syncwarp()
 #define MMFAST_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::mmfast_emulation::smem)
 #define MMFAST_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
   ::mmfast_emulation::launch(kernel, dim3(grid), dim3(block), (smem_bytes), __VA_ARGS__)

@@ -202,27 +202,13 @@ void run_rows(int64_t n, int64_t c, int64_t d, unsigned seed) {
   }
 }
 
-// Top-k forward over column chunks: topk_merge_chunk per chunk of the fp32 dots, then topk_finalize (softmax), against
-// float64: the k best classes (exact), their probabilities and the row log-sum-exp.
+// topk_finalize (softmax) on the merged keys and states, against float64 over `logits` [n, c] (the kernels' fp32
+// logits fmaf(scale, dot, bias)): the k best classes (exact, ties to the lower class), their probabilities and
+// the row log-sum-exp.
 template <typename T>
-void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal;
+void finalize_and_check(const std::string& tag, const Vec<uint64_t>& keys, const Vec<float>& row_max,
+                        const Vec<float>& row_sum, const std::vector<float>& logits, int64_t n, int64_t c, int k) {
   const double u = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, __half> ? 0x1p-11 : 0x1p-8;
-  const std::string tag = std::string(name_of<T>()) + " top-" + std::to_string(k) + " " + std::to_string(n) + "x" +
-                          std::to_string(c) + " W" + std::to_string(width);
-  std::vector<float> dots(n * c);
-  for (float& v : dots) v = normal(gen);
-  const float scale = 10.f, bias = -1.f;
-  Vec<uint64_t> keys = poisoned<uint64_t>(n * k);
-  Vec<float> row_max = poisoned<float>(n), row_sum = poisoned<float>(n), chunk = poisoned<float>(n * width);
-  for (int64_t c0 = 0; c0 < c; c0 += width) {
-    const int64_t w = std::min(width, c - c0);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < w; ++j) chunk[i * w + j] = dots[i * c + c0 + j];
-    launched(kc::topk_merge_chunk(chunk.data(), n, w, c0, &scale, &bias, k, keys.data(), row_max.data(),
-                                  row_sum.data(), nullptr));
-  }
   Vec<T> values = poisoned<T>(n * k);
   Vec<int64_t> indices(n * k, -1);
   Vec<float> lse = poisoned<float>(n);
@@ -234,20 +220,21 @@ void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
     std::vector<std::pair<double, int64_t>> row(c);
     double m = -INFINITY, sum = 0;
     for (int64_t j = 0; j < c; ++j) {
-      // the kernel's logit: fmaf(scale, dot, bias) in fp32
-      row[j] = {std::fmaf(scale, dots[i * c + j], bias), j};
+      row[j] = {logits[i * c + j], j};
       m = std::max(m, row[j].first);
     }
     for (const auto& e : row) sum += std::exp(e.first - m);
     const double want_lse = m + std::log(sum);
     worst_lse = std::max(worst_lse, std::abs(lse[i] - want_lse) / std::max(1.0, std::abs(want_lse)));
+    if (std::isnan(lse[i])) worst_lse = NAN;
     std::partial_sort(row.begin(), row.begin() + k, row.end(), [](const auto& a, const auto& b) {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     });
     for (int t = 0; t < k; ++t) {
       same = same && indices[i * k + t] == row[t].second;
       const double p = std::exp(row[t].first - want_lse);
-      worst_v = std::max(worst_v, std::abs(kc::to_float(values[i * k + t]) - p) / (2 * u * p + 1e-6 * p + 1e-30));
+      const double err = std::abs(kc::to_float(values[i * k + t]) - p) / (2 * u * p + 1e-6 * p + 1e-30);
+      worst_v = std::isnan(err) ? NAN : std::max(worst_v, err);
     }
   }
   expect(same, tag + " indices");
@@ -255,6 +242,91 @@ void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
   expect_error(worst_lse, 1e-6, tag + " row_lse");
 }
 
+// Top-k forward over column chunks: topk_merge_chunk per chunk of the fp32 dots, then topk_finalize.
+template <typename T>
+void run_topk(int64_t n, int64_t c, int64_t width, int k, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal;
+  const std::string tag = std::string(name_of<T>()) + " top-" + std::to_string(k) + " " + std::to_string(n) + "x" +
+                          std::to_string(c) + " W" + std::to_string(width);
+  std::vector<float> dots(n * c), logits(n * c);
+  for (float& v : dots) v = normal(gen);
+  const float scale = 10.f, bias = -1.f;
+  for (int64_t i = 0; i < n * c; ++i) logits[i] = std::fmaf(scale, dots[i], bias);
+  Vec<uint64_t> keys = poisoned<uint64_t>(n * k);
+  Vec<float> row_max = poisoned<float>(n), row_sum = poisoned<float>(n), chunk = poisoned<float>(n * width);
+  for (int64_t c0 = 0; c0 < c; c0 += width) {
+    const int64_t w = std::min(width, c - c0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < w; ++j) chunk[i * w + j] = dots[i * c + c0 + j];
+    launched(kc::topk_merge_chunk(chunk.data(), n, w, c0, &scale, &bias, k, keys.data(), row_max.data(),
+                                  row_sum.data(), nullptr));
+  }
+  finalize_and_check<T>(tag, keys, row_max, row_sum, logits, n, c, k);
+}
+
+// Top-k on the tensor cores: similarity_topk_fused (the tile kernel over `groups` column ranges, then the group
+// merge) and topk_finalize. The features are small multiples of 1/4 and 1/8, so every dot product is exact in fp32
+// whatever the mma's summation order, the reference logits match the kernel's bit for bit, and the many equal
+// logits check that ties keep the lower class index.
+template <typename T>
+void run_topk_fused(int64_t n, int64_t c, int64_t d, int k, int groups, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> quarters(-4, 4), eighths(-8, 8);
+  const std::string tag = std::string(name_of<T>()) + " fused top-" + std::to_string(k) + " " + std::to_string(n) +
+                          "x" + std::to_string(c) + " D" + std::to_string(d) + " groups " + std::to_string(groups);
+  Vec<T> x(n * d), y(c * d);
+  for (T& v : x) v = kc::from_float<T>(quarters(gen) / 4.f);
+  for (T& v : y) v = kc::from_float<T>(eighths(gen) / 8.f);
+  expect(kc::similarity_topk_fused_supported(dtype_of<T>(), k, c), tag + " supported");
+  const float scale = 0.5f, bias = -0.25f;
+  std::vector<float> logits(n * c);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      double dot = 0;
+      for (int64_t q = 0; q < d; ++q) dot += double(kc::to_float(x[i * d + q])) * kc::to_float(y[j * d + q]);
+      logits[i * c + j] = std::fmaf(scale, static_cast<float>(dot), bias);  // dot is exact in fp32
+    }
+  Vec<uint64_t> part_keys = poisoned<uint64_t>(groups * n * k), keys = poisoned<uint64_t>(n * k);
+  Vec<float> part_max = poisoned<float>(groups * n), part_sum = poisoned<float>(groups * n);
+  Vec<float> row_max = poisoned<float>(n), row_sum = poisoned<float>(n);
+  launched(kc::similarity_topk_fused(dtype_of<T>(), x.data(), y.data(), n, c, d, &scale, &bias, k, groups,
+                                     part_keys.data(), part_max.data(), part_sum.data(), keys.data(), row_max.data(),
+                                     row_sum.data(), nullptr));
+  finalize_and_check<T>(tag, keys, row_max, row_sum, logits, n, c, k);
+}
+
+// topk_fused_groups: at least one and at most min(column tiles, 2048 / k) groups, none without a tile, and enough
+// (row tile, group) blocks for 2 per SM where the shape allows it.
+void check_topk_fused_groups() {
+  bool ok = true;
+  for (const int64_t rows : {1, 128, 129, 4096, 65536})
+    for (const int64_t cols : {1, 129, 1000, 21843, 1 << 20})
+      for (const int k : {1, 5, 32})
+        for (const int sms : {1, 132}) {
+          const int groups = kc::topk_fused_groups(rows, cols, k, sms);
+          const int64_t row_tiles = (rows + 127) / 128, col_tiles = (cols + 127) / 128;
+          const int64_t most = std::min<int64_t>(col_tiles, 2048 / k);
+          const int64_t per_group = (col_tiles + groups - 1) / groups;
+          ok = ok && groups >= 1 && groups <= most && (groups - 1) * per_group < col_tiles;
+          // fewer groups than the device asks for only where more would break the bounds (with rounding to whole
+          // tiles per group losing at most half)
+          const int64_t wanted = std::min<int64_t>(most, (2 * sms + row_tiles - 1) / row_tiles);
+          ok = ok && (row_tiles * groups >= 2 * sms || 2 * groups >= wanted);
+        }
+  expect(ok, "topk_fused_groups bounds");
+  expect(kc::topk_fused_groups(4096, 21843, 32, 132) == 9, "topk_fused_groups at N=4096, C=21843, k=32, 132 SMs");
+  // Bad arguments answered, never launched: k past one lane each, too many groups for the merge's sort buffer.
+  const float one = 1.f;
+  expect(!kc::similarity_topk_fused_supported(kc::DType::kFloat32, 5, 100), "fused top-k: fp32 not supported");
+  expect(!kc::similarity_topk_fused_supported(kc::DType::kFloat16, 33, 100), "fused top-k: k = 33 not supported");
+  expect(kc::similarity_topk_fused(kc::DType::kFloat16, nullptr, nullptr, 1, 1, 8, &one, nullptr, 33, 1, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr, nullptr, nullptr) == cudaErrorInvalidValue,
+         "fused top-k: k = 33 rejected");
+  expect(kc::similarity_topk_fused(kc::DType::kFloat16, nullptr, nullptr, 1, 1, 8, &one, nullptr, 32, 65, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr, nullptr, nullptr) == cudaErrorInvalidValue,
+         "fused top-k: 65 groups of 32 rejected");
+}
 }  // namespace
 
 int main() {
@@ -277,6 +349,15 @@ int main() {
   run_topk<float>(4, 300, 128, 5, 11);
   run_topk<__half>(3, 1001, 256, 1, 12);
   run_topk<__nv_bfloat16>(2, 130, 64, 37, 13);
+  // Fused top-k: a second row tile and a ragged last column tile split over 2 groups; k = 32 (the limit) over 3
+  // uneven groups; k = 1 in one group; a single ragged tile barely wider than k; more groups than tiles (empty
+  // groups merge as nothing).
+  check_topk_fused_groups();
+  run_topk_fused<__half>(130, 301, 24, 5, 2, 14);
+  run_topk_fused<__nv_bfloat16>(17, 1000, 16, 32, 3, 15);
+  run_topk_fused<__half>(3, 129, 8, 1, 1, 16);
+  run_topk_fused<__nv_bfloat16>(5, 40, 72, 32, 1, 17);
+  run_topk_fused<__half>(9, 200, 8, 3, 4, 18);
   std::printf("similarity_softmax_emulated: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

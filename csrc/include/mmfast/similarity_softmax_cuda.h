@@ -67,6 +67,22 @@ cudaError_t topk_merge_chunk(const float* dots, int64_t rows, int64_t width, int
                              const float* bias, int k, uint64_t* keys, float* row_max, float* row_sum,
                              cudaStream_t stream);
 
+// Top-k forward on the tensor cores in place of the chunks above (fp16/bf16, sm_80+, k <= 32: see
+// similarity_topk_fused_supported): x [rows, dim] . y [cols, dim]^T tile by tile, never written to global memory.
+// Column tiles of 128 are split into `groups` consecutive ranges (1 <= groups <= 2048 / k), each (128-row tile,
+// group) block keeps its rows' top-k and (max, sum-exp) on chip and writes them to part_keys [groups, rows, k],
+// part_max / part_sum [groups, rows]; a second kernel merges the groups in a fixed order into keys [rows, k],
+// row_max and row_sum [rows], as topk_merge_chunk leaves them for topk_finalize.
+bool similarity_topk_fused_supported(DType dtype, int k, int64_t cols);
+// How many groups fill a device of sm_count SMs (2 blocks each) without leaving a group empty; the second form
+// asks the current device.
+int topk_fused_groups(int64_t rows, int64_t cols, int k, int sm_count);
+int topk_fused_groups(int64_t rows, int64_t cols, int k);
+cudaError_t similarity_topk_fused(DType dtype, const void* x, const void* y, int64_t rows, int64_t cols, int64_t dim,
+                                  const float* scale, const float* bias, int k, int groups, uint64_t* part_keys,
+                                  float* part_max, float* part_sum, uint64_t* keys, float* row_max, float* row_sum,
+                                  cudaStream_t stream);
+
 // values [rows, k] (act applied; softmax exp(l - max) / sum), indices [rows, k] int64 and
 // row_lse [rows] = max + log(sum) from the final keys and state.
 cudaError_t topk_finalize(DType dtype, const uint64_t* keys, const float* row_max, const float* row_sum, int64_t rows,
