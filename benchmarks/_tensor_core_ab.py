@@ -65,16 +65,21 @@ def cases(small: bool):
             return fn
         return make
 
-    def similarity(n, c, d, dtype, topk=None):
+    def similarity(n, c, d, dtype, topk=None, backward=False):
         def make(dev):
             g = torch.Generator(device="cpu").manual_seed(0)
             image, text = torch.randn(n, d, generator=g).to(dev, dtype), torch.randn(c, d, generator=g).to(dev, dtype)
             backend = "cuda" if dev != "cpu" else "cpu"
+            if backward:
+                image.requires_grad_()
+                text.requires_grad_()
 
             def fn():
-                with torch.no_grad():
+                with torch.set_grad_enabled(backward):
                     out = mmfast.similarity_softmax(image, text, 100.0, topk=topk, backend=backend)
-                    return list(out) if topk else [out]
+                    first = out[0] if topk else out
+                    grads = list(torch.autograd.grad(first, (image, text), torch.ones_like(first))) if backward else []
+                    return [t.detach() for t in (list(out) if topk else [out])] + grads
             return fn
         return make
 
@@ -83,7 +88,8 @@ def cases(small: bool):
         return [("attention bf16 small forward", attention(1, 2, 8, 40, 8, 16, bf16, False)),
                 ("clip bf16 B=64", loss("clip", 64, 32, bf16)),
                 ("similarity fp16 37x101", similarity(37, 101, 24, fp16)),
-                ("similarity top-5 fp16 37x101", similarity(37, 101, 24, fp16, topk=5))]
+                ("similarity top-5 fp16 37x101", similarity(37, 101, 24, fp16, topk=5)),
+                ("similarity top-5 fp16 37x101 forward+backward", similarity(37, 101, 24, fp16, topk=5, backward=True))]
     return [
         ("attention bf16 Perceiver forward", attention(8, 8, 64, 256, 64, 64, bf16, False)),
         ("attention bf16 Perceiver forward+backward", attention(8, 8, 64, 256, 64, 64, bf16, True)),
@@ -93,6 +99,8 @@ def cases(small: bool):
         ("siglip bf16 B=16384 D=768 forward+backward", loss("siglip", 16384, 768, bf16)),
         ("similarity fp16 N=4096 C=21843 D=768 forward", similarity(4096, 21843, 768, fp16)),
         ("similarity top-5 fp16 N=4096 C=21843 D=768 forward", similarity(4096, 21843, 768, fp16, topk=5)),
+        ("similarity top-5 fp16 N=4096 C=21843 D=768 forward+backward",
+         similarity(4096, 21843, 768, fp16, topk=5, backward=True)),
     ]
 
 

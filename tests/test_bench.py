@@ -457,6 +457,6 @@ def test_tensor_core_ab_script_runs_both_settings(tmp_path):
                            str(table)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = table.read_text().splitlines()[2:]
-    assert len(rows) == 4, rows
+    assert len(rows) == 5, rows
     for row in rows:
         assert row.rstrip(" |").endswith("0.00e+00"), row

@@ -230,7 +230,9 @@ def test_cuda_similarity_softmax_kernels_emulated(tmp_path_factory):
     pair stores, a second row block, a ragged column tile; a CLIP-like D); the row normalization (a zero row), the
     backward's activation pass (softmax, sigmoid, none) and normalization backward, fp32/fp16/bf16; the top-k
     forward over uneven column chunks, k = 1, 5, 37; the tensor-core top-k (similarity_topk_fused, fp16/bf16,
-    k = 1, 3, 5, 32, one to four column groups, an empty group, ties, ragged tiles) and its group count (~25 s)."""
+    k = 1, 3, 5, 32, one to four column groups, an empty group, ties, ragged tiles) and its group count; the
+    tensor-core top-k backward's ds (softmax, sigmoid, none; k up to 100; padded ds rows of an odd last chunk) and
+    row sums (~25 s)."""
     driver = compile_driver("similarity_softmax_emulated", "similarity_softmax.cu", tmp_path_factory)
     run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

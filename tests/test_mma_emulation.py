@@ -282,10 +282,11 @@ def test_contrastive_loss_fused_kernels_compile_for_sm90a_without_spills(tmp_pat
 
 
 def test_similarity_tensor_core_kernels_compile_for_sm90a_without_spills(tmp_path):
-    """csrc/cuda/similarity_softmax.cu for sm_90a: the tensor-core kernels (dot products, top-k tiles; a 128 x 128
-    tile per block) for fp16 and bf16 keep their 16 x 128 accumulator per warp in registers. ~15 s."""
+    """csrc/cuda/similarity_softmax.cu for sm_90a: the tensor-core kernels (dot products, top-k forward and backward
+    tiles; a 128 x 128 tile per block) for fp16 and bf16 keep their 16 x 128 accumulator per warp in registers.
+    ~15 s."""
     kernels = ptxas_report(ROOT / "csrc" / "cuda" / "similarity_softmax.cu", tmp_path)
-    for name in ("similarity_dots_kernel", "topk_tiles_kernel"):
+    for name in ("similarity_dots_kernel", "topk_tiles_kernel", "topk_backward_fused_kernel"):
         for dtype in ("6__half", "13__nv_bfloat16"):
             assert_compiled_without_spills(kernels, rf"\d+{name}I{dtype}E", f"{name}<{dtype.lstrip('0123456789')}>")
 

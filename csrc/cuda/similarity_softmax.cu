@@ -16,7 +16,8 @@
 //             tensor-core tiles and keeps each row's top-k and (max, sum-exp) on chip, per group of
 //             column tiles -> topk_merge_groups -> the same topk_finalize; no [N, chunk] scratch.
 //             Backward recomputes the chunk's logits the same way -> topk_backward_tile -> the
-//             two GEMMs per chunk -> the same normalize_backward / sum_pair.
+//             two GEMMs per chunk -> the same normalize_backward / sum_pair. Opted in (fp16/bf16),
+//             topk_backward_fused_kernel makes the chunk's ds from tensor-core tiles (no fp32 dots).
 //
 // Why the GEMM multiplies normalized copies, not raw features: raw fp16 dot products overflow
 // (|a| |b| > 65504, e.g. two rows of norm 256) or lose precision in fp16 subnormals (norms ~1e-3),
@@ -734,6 +735,103 @@ __global__ void __launch_bounds__(256)
   if (tid == 0) row_sum_ds[row] = (first ? 0.f : row_sum_ds[row]) + sum;
 }
 
+// ---- top-k backward on the tensor cores (fp16/bf16; opt-in, see topk_backward_fused) ---------------------
+// One 128 x 128 tile of a class chunk's ds per block, in place of cuBLAS's fp32 [N, W] dots and
+// topk_backward_tile: the logits come from block_tile_dots and never leave the registers; ds is
+// -exp(l - lse) * r (softmax; 0 for sigmoid / none) except at the row's top-k classes, where it is term_t as in
+// topk_backward_tile. The operand tiles, free after the products, hold the tile's class -> rank table
+// (128 x 128 shorts, -1: not in the top-k). Per-tile row sums of ds go to tile_row_sums [tiles][rows], added in
+// tile order by topk_row_sums_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kDotThreads)
+    topk_backward_fused_kernel(const T* __restrict__ x, const T* __restrict__ y_chunk, int64_t n, int64_t width,
+                               int64_t d, int64_t c0, const float* __restrict__ scale_p,
+                               const float* __restrict__ bias_p, const float* __restrict__ row_lse,
+                               const int64_t* __restrict__ indices, const T* __restrict__ values,
+                               const T* __restrict__ grad_values, int k, Act act, T* __restrict__ ds,
+                               int64_t ds_stride, float* __restrict__ tile_row_sums) {
+  constexpr int kTileElems = kDotTile * (kDotK + 8);
+  __shared__ __align__(16) unsigned char tiles[2 * kTileElems * sizeof(T)];
+  static_assert(kDotTile * kDotTile * sizeof(short) <= sizeof(tiles), "the rank table fits the tiles");
+  __shared__ float row_r[kDotTile];  // softmax: r = sum_t g_t v_t of each row
+  T* row_tile = reinterpret_cast<T*>(tiles);
+  T* col_tile = row_tile + kTileElems;
+  short* rank = reinterpret_cast<short*>(tiles);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kDotTile, j0 = static_cast<int64_t>(blockIdx.y) * kDotTile;
+
+  for (int i = warp; i < kDotTile; i += kDotThreads / 32) {  // one warp per row
+    const int64_t row = r0 + i;
+    float part = 0.f;
+    if (act == Act::kSoftmax && row < n) {
+      for (int q = lane; q < k; q += 32) {
+        part = fmaf(to_float(grad_values[row * k + q]), to_float(values[row * k + q]), part);
+      }
+    }
+    part = warp_sum(part);
+    if (lane == 0) row_r[i] = part;
+  }
+  float acc[kDotTile / 8][4];
+  // Its first barrier also orders the row_r writes before the reads below.
+  block_tile_dots<T, kDotTile, kDotTile, kDotK, kDotThreads>(acc, row_tile, col_tile, x, y_chunk, d, r0, n, j0, width);
+  __syncthreads();  // every warp is done with the operand tiles: they become the rank table
+  for (int i = threadIdx.x; i < kDotTile * kDotTile / 2; i += kDotThreads) {
+    reinterpret_cast<uint32_t*>(rank)[i] = 0xffffffffu;  // two ranks of -1
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kDotTile * k; i += kDotThreads) {
+    const int64_t row = r0 + i / k;
+    if (row >= n) break;  // i only grows
+    const int64_t col = indices[row * k + i % k] - c0 - j0;
+    if (col >= 0 && col < kDotTile && j0 + col < width) rank[(i / k) * kDotTile + col] = static_cast<short>(i % k);
+  }
+  __syncthreads();
+
+  const float scale = *scale_p;
+  const float bias = bias_p != nullptr ? *bias_p : 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int local = warp * 16 + g + 8 * h;
+    const int64_t row = r0 + local;
+    const bool valid = row < n;
+    const float lse = valid ? row_lse[row] : 0.f, r = row_r[local];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kDotTile / 8; ++j) {
+      float v[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * t + e;
+        const int q = rank[local * kDotTile + col];
+        if (!valid || j0 + col >= width) {
+          v[e] = 0.f;
+        } else if (q >= 0) {
+          const float gq = to_float(grad_values[row * k + q]), vq = to_float(values[row * k + q]);
+          v[e] = act == Act::kSoftmax ? vq * (gq - r) : act == Act::kSigmoid ? gq * vq * (1.f - vq) : gq;
+        } else {
+          v[e] = act == Act::kSoftmax ? -fast_exp(fmaf(scale, acc[j][2 * h + e], bias) - lse) * r : 0.f;  // p_j (0 - r)
+        }
+        sum += v[e];
+      }
+      if (valid && j0 + 8 * j + 2 * t < width) store_pair(ds + row * ds_stride, width, j0 + 8 * j + 2 * t, v[0], v[1]);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (t == 0 && valid) tile_row_sums[blockIdx.y * n + row] = sum;
+  }
+}
+
+// row_sum_ds[r] (+)= the chunk's per-tile row sums, in tile order (deterministic); set when first.
+__global__ void __launch_bounds__(256)
+    topk_row_sums_kernel(const float* __restrict__ tile_row_sums, int tiles, int64_t n, float* __restrict__ row_sum_ds,
+                         bool first) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  float s = first ? 0.f : row_sum_ds[row];
+  for (int i = 0; i < tiles; ++i) s += tile_row_sums[i * n + row];
+  row_sum_ds[row] = s;
+}
+
 }  // namespace
 
 // ================================ launchers ====================================================
@@ -919,6 +1017,29 @@ cudaError_t topk_backward_tile(DType dtype, const float* dots, int64_t rows, int
                   indices, static_cast<const T*>(values), static_cast<const T*>(grad_values), k, act,
                   static_cast<T*>(ds_tile), row_sum_ds, first);
     return cudaGetLastError();
+  });
+}
+
+
+bool topk_backward_fused_supported(DType dtype) { return tensor_core_dtype(dtype); }
+
+cudaError_t topk_backward_fused(DType dtype, const void* x, const void* y_chunk, int64_t rows, int64_t width,
+                                int64_t dim, int64_t c0, const float* scale, const float* bias, const float* row_lse,
+                                const int64_t* indices, const void* values, const void* grad_values, int k, Act act,
+                                void* ds, int64_t ds_stride, float* tile_row_sums, float* row_sum_ds, bool first,
+                                cudaStream_t stream) {
+  if (k < 1 || k > kMaxTopK || width > kMaxChunk || ds_stride < width) return cudaErrorInvalidValue;
+  if (rows == 0 || width == 0) return cudaSuccess;
+  const int64_t tiles = (width + kDotTile - 1) / kDotTile;
+  return dispatch_tensor_core_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 blocks(grid((rows + kDotTile - 1) / kDotTile), grid(tiles));
+    MMFAST_LAUNCH(topk_backward_fused_kernel<T>, blocks, kDotThreads, 0, stream, static_cast<const T*>(x),
+                  static_cast<const T*>(y_chunk), rows, width, dim, c0, scale, bias, row_lse, indices,
+                  static_cast<const T*>(values), static_cast<const T*>(grad_values), k, act, static_cast<T*>(ds),
+                  ds_stride, tile_row_sums);
+    MMFAST_LAUNCH(topk_row_sums_kernel, grid((rows + 255) / 256), 256, 0, stream, tile_row_sums,
+                  static_cast<int>(tiles), rows, row_sum_ds, first);
   });
 }
 

@@ -320,10 +320,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_topk_backw
   const at::Tensor lse = row_lse.contiguous();
 
   // ds is recomputed chunk by chunk ([N, W] tiles), then enters the same two GEMMs as the dense
-  // backward: G accumulates over chunks, each chunk writes its own rows of H.
+  // backward: G accumulates over chunks, each chunk writes its own rows of H. Opted in (fp16/bf16), the chunk's
+  // logits come from tensor-core tiles inside the ds kernel (no fp32 [N, W] dots), and ds rows are padded to 16
+  // bytes so cuBLAS sees an aligned leading dimension in an odd last chunk too.
   const int64_t width = std::min(chunk_width(n, c), kc::kMaxChunk);
-  at::Tensor ds_buf = at::empty({n * width}, image.options());
-  at::Tensor dots_buf = act == Activation::kSoftmax ? at::empty({n * width}, f32) : at::Tensor();
+  const bool fused = cuda_glue::tensor_cores_opted_in() && kc::topk_backward_fused_supported(dt);
+  const int64_t per_16_bytes = 16 / static_cast<int64_t>(o.image.element_size());
+  auto padded = [&](int64_t w) { return fused ? (w + per_16_bytes - 1) / per_16_bytes * per_16_bytes : w; };
+  at::Tensor ds_buf = at::empty({n * padded(width)}, image.options());
+  at::Tensor dots_buf = act == Activation::kSoftmax && !fused ? at::empty({n * width}, f32) : at::Tensor();
+  at::Tensor tile_sums = fused ? at::empty({(width + 127) / 128 * n}, f32) : at::Tensor();
   at::Tensor g_img = at::empty({n, o.image.size(1)}, f32);
   at::Tensor g_part = c > width ? at::empty_like(g_img) : at::Tensor();
   at::Tensor h_txt = at::empty({c, o.image.size(1)}, f32);
@@ -331,17 +337,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_topk_backw
   for (int64_t c0 = 0; c0 < c; c0 += width) {
     const int64_t w = std::min(width, c - c0);
     const at::Tensor y_chunk = o.y.narrow(0, c0, w);
-    const float* dots_ptr = nullptr;
-    if (act == Activation::kSoftmax) {  // p over all classes needs the chunk's logits again
-      at::Tensor dots = dots_buf.narrow(0, 0, n * w).view({n, w});
-      at::mm_out(dots, o.x, y_chunk.t(), at::kFloat);
-      dots_ptr = ptr(dots);
+    const at::Tensor ds = ds_buf.narrow(0, 0, n * padded(w)).view({n, padded(w)}).narrow(1, 0, w);
+    if (fused) {
+      C10_CUDA_CHECK(kc::topk_backward_fused(dt, o.x.data_ptr(), y_chunk.data_ptr(), n, w, o.x.size(1), c0,
+                                             ptr(scale), ptr(bias), ptr(lse), idx.data_ptr<int64_t>(), v.data_ptr(),
+                                             gv.data_ptr(), static_cast<int>(k), kernel_act(act), ds.data_ptr(),
+                                             padded(w), tile_sums.data_ptr<float>(), row_sum_ds.data_ptr<float>(),
+                                             c0 == 0, stream));
+    } else {
+      const float* dots_ptr = nullptr;
+      if (act == Activation::kSoftmax) {  // p over all classes needs the chunk's logits again
+        at::Tensor dots = dots_buf.narrow(0, 0, n * w).view({n, w});
+        at::mm_out(dots, o.x, y_chunk.t(), at::kFloat);
+        dots_ptr = ptr(dots);
+      }
+      C10_CUDA_CHECK(kc::topk_backward_tile(dt, dots_ptr, n, w, c0, ptr(scale), ptr(bias), ptr(lse),
+                                            idx.data_ptr<int64_t>(), v.data_ptr(), gv.data_ptr(), static_cast<int>(k),
+                                            kernel_act(act), ds.data_ptr(), row_sum_ds.data_ptr<float>(), c0 == 0,
+                                            stream));
     }
-    const at::Tensor ds = ds_buf.narrow(0, 0, n * w).view({n, w});
-    C10_CUDA_CHECK(kc::topk_backward_tile(dt, dots_ptr, n, w, c0, ptr(scale), ptr(bias), ptr(lse),
-                                          idx.data_ptr<int64_t>(), v.data_ptr(), gv.data_ptr(), static_cast<int>(k),
-                                          kernel_act(act), ds.data_ptr(), row_sum_ds.data_ptr<float>(), c0 == 0,
-                                          stream));
     if (c0 == 0) {
       at::mm_out(g_img, ds, y_chunk, at::kFloat);
     } else {

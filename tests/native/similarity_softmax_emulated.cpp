@@ -296,6 +296,100 @@ void run_topk_fused(int64_t n, int64_t c, int64_t d, int k, int groups, unsigned
   finalize_and_check<T>(tag, keys, row_max, row_sum, logits, n, c, k);
 }
 
+// Top-k backward on the tensor cores: topk_backward_fused per class chunk (ds rows padded to 16 bytes, as the glue
+// lays them out) against float64 on exact logits (features as in run_topk_fused), for `k` distinct random classes
+// per row, values consistent with act and random gradients.
+template <typename T>
+void run_topk_backward_fused(int64_t n, int64_t c, int64_t d, int k, int64_t width, kc::Act act, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> quarters(-4, 4), eighths(-8, 8);
+  std::normal_distribution<float> normal;
+  const double u = std::is_same_v<T, __half> ? 0x1p-11 : 0x1p-8;
+  const double tiny = std::is_same_v<T, __half> ? 0x1p-25 : 0.0;  // fp16 subnormals' half step
+  const std::string tag = std::string(name_of<T>()) + " fused top-" + std::to_string(k) + " backward " +
+                          (act == kc::Act::kSoftmax ? "softmax " : act == kc::Act::kSigmoid ? "sigmoid " : "none ") +
+                          std::to_string(n) + "x" + std::to_string(c) + " D" + std::to_string(d) + " W" +
+                          std::to_string(width);
+  Vec<T> x(n * d), y(c * d);
+  for (T& v : x) v = kc::from_float<T>(quarters(gen) / 4.f);
+  for (T& v : y) v = kc::from_float<T>(eighths(gen) / 8.f);
+  expect(kc::topk_backward_fused_supported(dtype_of<T>()), tag + " supported");
+  const float scale = 0.5f, bias = -0.25f;
+  std::vector<float> logits(n * c);
+  Vec<float> lse(n);
+  Vec<int64_t> indices(n * k);
+  Vec<T> values(n * k), grad(n * k);
+  for (int64_t i = 0; i < n; ++i) {
+    double m = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      double dot = 0;
+      for (int64_t q = 0; q < d; ++q) dot += double(kc::to_float(x[i * d + q])) * kc::to_float(y[j * d + q]);
+      logits[i * c + j] = std::fmaf(scale, static_cast<float>(dot), bias);  // dot is exact in fp32
+      m = std::max(m, double(logits[i * c + j]));
+    }
+    for (int64_t j = 0; j < c; ++j) sum += std::exp(logits[i * c + j] - m);
+    lse[i] = static_cast<float>(m + std::log(sum));
+    std::vector<int64_t> classes(c);
+    for (int64_t j = 0; j < c; ++j) classes[j] = j;
+    std::shuffle(classes.begin(), classes.end(), gen);
+    for (int q = 0; q < k; ++q) {
+      const double l = logits[i * c + classes[q]];
+      indices[i * k + q] = classes[q];
+      values[i * k + q] = kc::from_float<T>(float(act == kc::Act::kSoftmax   ? std::exp(l - lse[i])
+                                                  : act == kc::Act::kSigmoid ? 1 / (1 + std::exp(-l))
+                                                                             : l));
+      grad[i * k + q] = kc::from_float<T>(normal(gen));
+    }
+  }
+  const int64_t ld = (width + 7) / 8 * 8;
+  Vec<T> ds = poisoned<T>(n * ld);
+  Vec<float> tile_sums = poisoned<float>((width + 127) / 128 * n), row_sum = poisoned<float>(n);
+  double worst = 0, worst_sum = 0;
+  std::vector<double> want_sum(n, 0.0), sum_size(n, 0.0);
+  for (int64_t c0 = 0; c0 < c; c0 += width) {
+    const int64_t w = std::min(width, c - c0), stride = (w + 7) / 8 * 8;
+    launched(kc::topk_backward_fused(dtype_of<T>(), x.data(), y.data() + c0 * d, n, w, d, c0, &scale, &bias,
+                                     lse.data(), indices.data(), values.data(), grad.data(), k, act, ds.data(), stride,
+                                     tile_sums.data(), row_sum.data(), c0 == 0, nullptr));
+    for (int64_t i = 0; i < n; ++i) {
+      double r = 0, r_size = 0;
+      for (int q = 0; q < k; ++q) {
+        r += double(kc::to_float(grad[i * k + q])) * kc::to_float(values[i * k + q]);
+        r_size += std::abs(double(kc::to_float(grad[i * k + q])) * kc::to_float(values[i * k + q]));
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        int rank = -1;
+        for (int q = 0; q < k; ++q) rank = indices[i * k + q] == c0 + j ? q : rank;
+        double want = 0, bound = tiny + 1e-30;
+        if (rank >= 0) {
+          const double gq = kc::to_float(grad[i * k + rank]), vq = kc::to_float(values[i * k + rank]);
+          want = act == kc::Act::kSoftmax ? vq * (gq - r) : act == kc::Act::kSigmoid ? gq * vq * (1 - vq) : gq;
+          bound += u * std::abs(want) + 0x1p-20 * std::abs(vq) * (std::abs(gq) + r_size);
+        } else if (act == kc::Act::kSoftmax) {
+          const double p = std::exp(logits[i * c + c0 + j] - double(lse[i]));
+          want = -p * r;
+          bound += u * std::abs(want) + 1e-5 * p * r_size;  // exp's argument rounded in fp32, r's fp32 sum
+        }
+        const double err = std::abs(kc::to_float(ds[i * stride + j]) - want) / bound;
+        worst = std::isnan(err) ? NAN : std::max(worst, err);
+        want_sum[i] += want;
+        sum_size[i] += std::abs(want) + bound;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double err = std::abs(row_sum[i] - want_sum[i]) / (1e-5 * sum_size[i] + 1e-30);
+    worst_sum = std::isnan(err) ? NAN : std::max(worst_sum, err);
+  }
+  expect_error(worst, 1.0, tag + " ds (error / bound)");
+  expect_error(worst_sum, 1.0, tag + " row sums (error / bound)");
+  const float one = 1.f;
+  expect(kc::topk_backward_fused(dtype_of<T>(), x.data(), y.data(), n, 9, d, 0, &one, nullptr, lse.data(),
+                                 indices.data(), values.data(), grad.data(), k, act, ds.data(), 8, tile_sums.data(),
+                                 row_sum.data(), true, nullptr) == cudaErrorInvalidValue,
+         tag + " ds rows narrower than the chunk rejected");
+}
+
 // topk_fused_groups: at least one and at most min(column tiles, 2048 / k) groups, none without a tile, and enough
 // (row tile, group) blocks for 2 per SM where the shape allows it.
 void check_topk_fused_groups() {
@@ -358,6 +452,12 @@ int main() {
   run_topk_fused<__half>(3, 129, 8, 1, 1, 16);
   run_topk_fused<__nv_bfloat16>(5, 40, 72, 32, 1, 17);
   run_topk_fused<__half>(9, 200, 8, 3, 4, 18);
+  // Fused top-k backward: two chunks, the last one odd (padded ds rows), a second row tile; sigmoid and none; one
+  // chunk narrower than a tile with k = 32; k = 100 across three chunks.
+  run_topk_backward_fused<__half>(130, 301, 24, 5, 256, kc::Act::kSoftmax, 19);
+  run_topk_backward_fused<__nv_bfloat16>(17, 200, 16, 3, 128, kc::Act::kSigmoid, 20);
+  run_topk_backward_fused<__half>(5, 40, 72, 32, 40, kc::Act::kNone, 21);
+  run_topk_backward_fused<__nv_bfloat16>(3, 300, 8, 100, 128, kc::Act::kSoftmax, 22);
   std::printf("similarity_softmax_emulated: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

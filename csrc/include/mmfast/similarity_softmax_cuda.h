@@ -98,4 +98,15 @@ cudaError_t topk_backward_tile(DType dtype, const float* dots, int64_t rows, int
                                const void* values, const void* grad_values, int k, Act act, void* ds_tile,
                                float* row_sum_ds, bool first, cudaStream_t stream);
 
+// topk_backward_tile's ds of one chunk on the tensor cores (fp16/bf16, sm_80+: topk_backward_fused_supported), the
+// chunk's logits recomputed from x [rows, dim] and y_chunk [width, dim] in registers (no fp32 dots): writes
+// ds [rows, width] with rows ds_stride >= width elements apart (the glue pads them to 16 bytes for cuBLAS), and
+// row_sum_ds (+)= its row sums through tile_row_sums [ceil(width / 128), rows] (scratch).
+bool topk_backward_fused_supported(DType dtype);
+cudaError_t topk_backward_fused(DType dtype, const void* x, const void* y_chunk, int64_t rows, int64_t width,
+                                int64_t dim, int64_t c0, const float* scale, const float* bias, const float* row_lse,
+                                const int64_t* indices, const void* values, const void* grad_values, int k, Act act,
+                                void* ds, int64_t ds_stride, float* tile_row_sums, float* row_sum_ds, bool first,
+                                cudaStream_t stream);
+
 }  // namespace mmfast::cuda
