@@ -452,12 +452,14 @@ int main() {
   run_topk_fused<__half>(3, 129, 8, 1, 1, 16);
   run_topk_fused<__nv_bfloat16>(5, 40, 72, 32, 1, 17);
   run_topk_fused<__half>(9, 200, 8, 3, 4, 18);
+  run_topk_fused<__nv_bfloat16>(1, 129, 8, 2, 2, 23);  // one row
   // Fused top-k backward: two chunks, the last one odd (padded ds rows), a second row tile; sigmoid and none; one
   // chunk narrower than a tile with k = 32; k = 100 across three chunks.
   run_topk_backward_fused<__half>(130, 301, 24, 5, 256, kc::Act::kSoftmax, 19);
   run_topk_backward_fused<__nv_bfloat16>(17, 200, 16, 3, 128, kc::Act::kSigmoid, 20);
   run_topk_backward_fused<__half>(5, 40, 72, 32, 40, kc::Act::kNone, 21);
   run_topk_backward_fused<__nv_bfloat16>(3, 300, 8, 100, 128, kc::Act::kSoftmax, 22);
+  run_topk_backward_fused<__half>(1, 9, 8, 9, 9, kc::Act::kSoftmax, 24);  // one row, k = C in one odd chunk
   std::printf("similarity_softmax_emulated: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
